@@ -1,0 +1,15 @@
+"""Compression passes, registered by name: a recipe step ``NAME: {config}`` looks them up here.
+
+Torch-side passes (kind "torch") take and return an in-memory HF model; format-side passes
+(kind "format") take and return an Artifact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edgesmith.compress.gguf_quantize import GGUFQuantizePass
+
+PASSES: dict[str, Any] = {
+    "gguf_quantize": GGUFQuantizePass,
+}

