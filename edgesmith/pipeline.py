@@ -1,0 +1,240 @@
+"""Run a recipe: resolve, torch passes, export, format passes, verify, gates, manifest.
+
+Everything expensive is cached per input model (the dequantized HF directory of a GGUF input,
+the F16 GGUF, the reference log-probabilities, the importance matrix), and every file is
+written atomically, so a killed run resumes where it stopped. Outputs are checked before any
+work starts: an existing file is never overwritten without --force.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgesmith import compress_report, manifest, models
+from edgesmith.bench import quality
+from edgesmith.bench.runners.llama_cpp import LlamaCppRunner
+from edgesmith.compress import PASSES, imatrix
+from edgesmith.context import Artifact, RunContext
+from edgesmith.errors import ModelError, QualityGateError
+from edgesmith.export import EXPORTERS, llamacpp_src
+from edgesmith.fsutil import (
+    cache_root,
+    check_writable,
+    sha256_file,
+    sha256_text,
+    write_json_atomic,
+    write_text_atomic,
+)
+from edgesmith.recipe import Recipe, Step
+
+
+@dataclass
+class Options:
+    out_dir: Path
+    force: bool = False
+    threads: int | None = None
+    allow_pickle: bool = False
+    command: list[str] | None = None
+
+
+@dataclass
+class Timings:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
+
+
+def _final_type(steps: list[Step]) -> str:
+    """The GGUF type the recipe ends with (the last quantize step, else the export type)."""
+    qtype = None
+    for s in steps:
+        if s.kind == "export":
+            qtype = s.config.outtype.upper()
+        elif s.name == "gguf_quantize":
+            qtype = s.config.type
+    assert qtype is not None
+    return qtype
+
+
+def output_paths(ref: models.ModelRef, recipe: Recipe, out_dir: Path) -> dict[str, Path]:
+    return {
+        "artifact": out_dir / f"{ref.name}.{_final_type(recipe.steps)}.gguf",
+        "manifest": out_dir / "manifest.json",
+        "report": out_dir / "report.md",
+    }
+
+
+def input_hash(ref: models.ModelRef, cache: Path) -> str:
+    """sha256 of the input model's weights (cached by the cheap fingerprint)."""
+    marker = cache / "input.sha256"
+    if marker.exists():
+        return marker.read_text().strip()
+    files = [ref.path] if ref.kind == "gguf" else sorted(ref.path.glob("*.safetensors")) or \
+        sorted(p for p in ref.path.iterdir() if p.suffix in models.PICKLE_SUFFIXES)
+    digest = sha256_file(files[0]) if len(files) == 1 else \
+        "multi:" + ",".join(f"{f.name}={sha256_file(f)}" for f in files)
+    write_text_atomic(marker, digest)
+    return digest
+
+
+def _quality_cached(path: Path, ref: quality.Reference, cache: Path, ctx: RunContext,
+                    label: str) -> quality.QualityResult:
+    """Quality of an artifact in llama.cpp; cached by the artifact's identity and eval spec."""
+    st = path.stat()
+    key = f"{path.name}:{st.st_size}:{st.st_mtime_ns}:{ref.spec}"
+    qfile = cache / "quality.json"
+    known = json.loads(qfile.read_text()) if qfile.exists() else {}
+    if key in known:
+        return quality.QualityResult(**known[key])
+    sess = LlamaCppRunner().open(path, threads=ctx.threads, n_ctx=ref.spec.ctx, logits_all=True)
+    try:
+        result = quality.evaluate(sess, ref, ctx.progress, label)
+    finally:
+        sess.close()
+    known[key] = result.as_dict()
+    write_json_atomic(qfile, known)
+    return result
+
+
+def check_gates(recipe: Recipe, q: quality.QualityResult, size_bytes: int) -> list[str]:
+    g = recipe.model.gates
+    fails = []
+    if g.max_ppl_increase_pct is not None and q.ppl_increase_pct > g.max_ppl_increase_pct:
+        fails.append(f"perplexity +{q.ppl_increase_pct:.2f}% > max {g.max_ppl_increase_pct}%")
+    if g.max_kld is not None and q.kld_mean > g.max_kld:
+        fails.append(f"mean KLD {q.kld_mean:.4f} > max {g.max_kld}")
+    if g.min_top1 is not None and q.top1_agreement < g.min_top1:
+        fails.append(f"top-1 agreement {q.top1_agreement:.3f} < min {g.min_top1}")
+    if g.max_size_mb is not None and size_bytes / 1e6 > g.max_size_mb:
+        fails.append(f"size {size_bytes / 1e6:.1f} MB > max {g.max_size_mb} MB")
+    return fails
+
+
+def _torch_passes(hf_dir: Path, steps: list[Step], ctx: RunContext, cache: Path) -> Path:
+    """Run torch-side passes on the HF model; the result is saved (cached) as safetensors."""
+    todo = [s for s in steps if s.kind == "torch"]
+    if not todo:
+        return hf_dir
+    key = sha256_text("|".join(f"{s.name}:{s.config.model_dump_json()}" for s in todo))[:16]
+    dest = cache / f"hf-{key}"
+    if (dest / "config.json").exists():
+        return dest
+    model, tok = models.load_hf(hf_dir)
+    for s in todo:
+        model = PASSES[s.name](s.config).run(model, ctx)
+    model.save_pretrained(dest, safe_serialization=True)
+    tok.save_pretrained(dest)
+    return dest
+
+
+def _imatrix(hf_dir: Path, recipe: Recipe, cache: Path, ctx: RunContext) -> imatrix.IMatrix:
+    calib = recipe.model.calibration
+    path = cache / f"imatrix-{hf_dir.name}-{imatrix.cache_key(calib)}.npz"
+    if path.exists():
+        return imatrix.load(path)
+    model, tok = models.load_hf(hf_dir)
+    imx = imatrix.compute(model, tok, calib, ctx.progress)
+    imatrix.save(imx, path)
+    return imx
+
+
+def compress(spec: str, recipe: Recipe, opts: Options, progress: Any) -> dict[str, Any]:
+    """Run ``recipe`` on model ``spec``; returns the manifest (also written to out_dir)."""
+    t = Timings()
+    ref = models.resolve(spec, allow_pickle=opts.allow_pickle)
+    if not models.is_causal_lm(ref):
+        raise ModelError(f"{spec} ({ref.architecture()}) is not a causal language model, so "
+                         "compress cannot check its quality", "use `edgesmith export` for it")
+    outs = output_paths(ref, recipe, opts.out_dir)
+    for p in outs.values():
+        check_writable(p, opts.force)
+    llamacpp_src.installed_version()  # fail early, naming the extra, if llama.cpp is missing
+    cache = cache_root() / "runs" / f"{ref.name}-{ref.fingerprint()}"
+    cache.mkdir(parents=True, exist_ok=True)
+    ctx = RunContext(out_dir=opts.out_dir, cache_dir=cache, progress=progress, force=opts.force)
+    if opts.threads:
+        ctx.threads = opts.threads
+    with t.stage("load"):
+        source_hf = models.as_hf_dir(ref, progress)
+        sha = input_hash(ref, cache)
+    with t.stage("torch_passes"):
+        hf_dir = _torch_passes(source_hf, recipe.steps, ctx, cache)
+    with t.stage("reference"):
+        spec_eval = quality.EvalSpec(recipe.model.eval.ctx, recipe.model.eval.windows)
+        reference = quality.reference(source_hf, spec_eval, cache, progress, ctx.threads)
+    if any(s.name == "gguf_quantize" and s.config.imatrix for s in recipe.steps):
+        with t.stage("imatrix"):
+            ctx.extras["imatrix"] = _imatrix(hf_dir, recipe, cache, ctx)
+    artifact: Artifact | None = None
+    baseline: Artifact | None = None
+    version = llamacpp_src.installed_version()
+    format_steps = [s for s in recipe.steps if s.kind == "format"]
+    for step in recipe.steps:
+        if step.kind == "export":
+            exporter = EXPORTERS[step.name](step.config)
+            outtype = step.config.outtype.upper()
+            cached = cache / f"{hf_dir.name}.{outtype}.llama-cpp-{version}.gguf"
+            dest = cached if format_steps else outs["artifact"]
+            with t.stage("convert"):
+                if dest == cached and cached.exists():
+                    artifact = Artifact(cached, "gguf", {"type": outtype, "cached": True})
+                else:
+                    artifact = exporter.export(hf_dir, ctx, dest)
+            baseline = artifact
+        elif step.kind == "format":
+            assert artifact is not None
+            last = step is format_steps[-1]
+            ctx.extras["dest"] = outs["artifact"] if last else None
+            with t.stage("quantize"):
+                artifact = PASSES[step.name](step.config).run(artifact, ctx)
+    assert artifact is not None and baseline is not None
+    with t.stage("verify"):
+        q_base = _quality_cached(baseline.path, reference, cache, ctx,
+                                 f"{baseline.meta.get('type')} baseline")
+        q = _quality_cached(artifact.path, reference, cache, ctx, artifact.path.name)
+    size = artifact.path.stat().st_size
+    failures = check_gates(recipe, q, size)
+    man = manifest.new(opts.command)
+    man.update({
+        "input": {"spec": spec, "kind": ref.kind, "path": str(ref.path), "sha256": sha,
+                  "architecture": ref.architecture()},
+        "recipe": {"name": recipe.name, "source": str(recipe.source or "<inline>"),
+                   "as_run": recipe.model.model_dump(mode="json"), "text": recipe.text},
+        "target": recipe.model.target,
+        "reference": {"runtime": "torch fp32", "ppl": reference.ppl,
+                      "eval": {"ctx": spec_eval.ctx, "windows": spec_eval.windows,
+                               "tokens_scored": q.tokens_scored, "corpus": "builtin:heldout"}},
+        "baseline": {"type": baseline.meta.get("type"), "size_bytes": baseline.path.stat().st_size,
+                     "quality": q_base.as_dict()},
+        "artifacts": [{
+            "path": artifact.path.name, "format": "gguf", "type": artifact.meta.get("type"),
+            "size_bytes": size, "sha256": sha256_file(artifact.path),
+            "imatrix": artifact.meta.get("imatrix", False),
+            "quality": q.as_dict(),
+            "tensors": artifact.meta.get("tensors", []),
+            "fallbacks": artifact.meta.get("fallbacks", []),
+        }],
+        "gates": {"passed": not failures, "failures": failures,
+                  "limits": recipe.model.gates.model_dump()},
+        "timings_s": t.seconds,
+    })
+    write_json_atomic(outs["manifest"], man)
+    write_text_atomic(outs["report"], compress_report.render(man))
+    if failures:
+        raise QualityGateError(f"{artifact.path.name} missed the quality gate of recipe "
+                               f"{recipe.name}: {'; '.join(failures)}",
+                               "try a higher-precision recipe (e.g. q5km or q8); details in "
+                               f"{outs['report']}")
+    return man

@@ -1,0 +1,1 @@
+"""Target device profiles (YAML data) and the memory-fit estimate."""
