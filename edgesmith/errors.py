@@ -9,15 +9,12 @@ class EdgesmithError(Exception):
     exit_code = 2
 
     def __init__(self, message: str, hint: str = "") -> None:
-        super().__init__(message)
+        super().__init__(f"{message} (fix: {hint})" if hint else message)
         self.message = message
         self.hint = hint
 
     def one_line(self) -> str:
-        text = f"error: {self.message}"
-        if self.hint:
-            text += f" (fix: {self.hint})"
-        return " ".join(text.split())
+        return " ".join(f"error: {self}".split())
 
 
 class ModelError(EdgesmithError):

@@ -43,6 +43,15 @@ CAUSAL_LM_ARCHS = {
 ENCODER_ARCHS = {"BertModel", "BertForMaskedLM"}
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+# transformers rebuilds a GGUF's BPE tokenizer with a plain byte-level pre-tokenizer; these are
+# the HF equivalents of llama.cpp pre-tokenizer names (tokenizer.ggml.pre) that differ from it.
+HF_PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
+    "smollm": {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+    ]},
+}
 GGUF_MAGIC = b"GGUF"
 
 
@@ -286,10 +295,23 @@ def _gguf_to_hf_dir(gguf_path: Path, dest: Path) -> None:
         model.tie_weights()
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
+    _restore_pre_tokenizer(gguf_path, tmp / "tokenizer.json")
     (tmp / ".complete").write_text(str(gguf_path))
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)
+
+
+def _restore_pre_tokenizer(gguf_path: Path, tokenizer_json: Path) -> None:
+    """Give the HF tokenizer the GGUF's own pre-tokenizer, so both split text the same way."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(gguf_path)).fields.get("tokenizer.ggml.pre")
+    pre = bytes(field.parts[-1]).decode() if field is not None else None
+    if pre in HF_PRE_TOKENIZERS and tokenizer_json.exists():
+        data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+        data["pre_tokenizer"] = HF_PRE_TOKENIZERS[pre]
+        tokenizer_json.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
 
 
 def _pickle_to_safetensors(ref: ModelRef) -> Path:
