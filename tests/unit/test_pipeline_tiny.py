@@ -1,0 +1,147 @@
+"""compress through the CLI on a tiny model: outputs, manifest, gates, --force, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgesmith.fsutil import sha256_file
+
+RECIPE = """name: tiny-q4km
+target: raspberry-pi-5
+calibration: {{samples: 2, seq_len: 128}}
+eval: {{ctx: 128, windows: 2}}
+steps:
+  - export: {{format: gguf, outtype: f16}}
+  - gguf_quantize: {{type: Q4_K_M, imatrix: true}}
+gates:
+  max_ppl_increase_pct: 1000
+  max_kld: {max_kld}
+  max_size_mb: {max_size}
+"""
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "edgesmith.cli", *args], capture_output=True,
+                          text=True, env={**os.environ, "COLUMNS": "200"}, timeout=600)
+
+
+def error_line(p: subprocess.CompletedProcess[str]) -> str:
+    """The one error line (progress bars may precede it on stderr); no traceback."""
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in p.stderr, p.stderr
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def compressed(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("compress")
+    (d / "r.yaml").write_text(RECIPE.format(max_kld=10, max_size=100))
+    p = run("compress", str(tiny_llama), "--recipe", str(d / "r.yaml"), "-o", str(d / "out"),
+            "--threads", "2")
+    assert p.returncode == 0, p.stderr
+    return d
+
+
+def test_outputs_and_manifest(compressed: Path, tiny_llama: Path) -> None:
+    out = compressed / "out"
+    assert sorted(os.listdir(out)) == ["manifest.json", "report.md", "tiny-llama.Q4_K_M.gguf"]
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["schema"] == "edgesmith.manifest" and man["schema_version"] == 1
+    art = man["artifacts"][0]
+    assert art["sha256"] == sha256_file(out / art["path"])
+    assert art["size_bytes"] == (out / art["path"]).stat().st_size
+    assert art["imatrix"] is True and art["fallbacks"] == []
+    assert {t["type"] for t in art["tensors"]} >= {"Q4_K", "Q6_K"}
+    assert man["input"]["sha256"] == sha256_file(tiny_llama / "model.safetensors")
+    assert man["recipe"]["as_run"]["steps"][1] == {"gguf_quantize": {"type": "Q4_K_M",
+                                                                     "imatrix": True}}
+    q, base = art["quality"], man["baseline"]["quality"]
+    assert q["tokens_scored"] == 2 * 63
+    assert base["kld_mean"] < 1e-3 < q["kld_mean"]  # F16 matches, Q4 measurably does not
+    assert man["gates"]["passed"] is True
+    assert "llama-cpp-python" in man["tool_versions"]
+    report = (out / "report.md").read_text()
+    assert "| **tiny-llama.Q4_K_M.gguf** (imatrix) |" in report and "PASSED" in report
+
+
+def test_existing_output_needs_force(compressed: Path, tiny_llama: Path) -> None:
+    out = compressed / "out"
+    before = (out / "manifest.json").read_text()
+    p = run("compress", str(tiny_llama), "--recipe", str(compressed / "r.yaml"), "-o", str(out))
+    assert p.returncode == 2
+    assert "already exists" in error_line(p) and "--force" in error_line(p)
+    assert (out / "manifest.json").read_text() == before
+
+
+def test_rerun_resumes_from_cache(compressed: Path, tiny_llama: Path) -> None:
+    cache = Path(os.environ["EDGESMITH_CACHE"]) / "runs"
+    f16 = next(cache.glob("tiny-llama-*/tiny-llama.F16.*.gguf"))
+    refs = list(f16.parent.glob("ref-*.npy"))
+    stamps = {p: p.stat().st_mtime_ns for p in [f16, *refs]}
+    p = run("compress", str(tiny_llama), "--recipe", str(compressed / "r.yaml"), "-o",
+            str(compressed / "out"), "--force", "--json")
+    assert p.returncode == 0, p.stderr
+    man = json.loads(p.stdout)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing recomputed
+    assert man["timings_s"]["convert"] < 1.0
+
+
+def test_quality_gate_failure_exits_2(compressed: Path, tiny_llama: Path) -> None:
+    (compressed / "strict.yaml").write_text(RECIPE.format(max_kld=0.0, max_size=0.001))
+    out = compressed / "strict-out"
+    p = run("compress", str(tiny_llama), "--recipe", str(compressed / "strict.yaml"), "-o",
+            str(out))
+    assert p.returncode == 2
+    line = error_line(p)
+    assert "missed the quality gate" in line and "mean KLD" in line and "size" in line
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["gates"]["passed"] is False and len(man["gates"]["failures"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["compress", "/nonexistent/model", "--target", "raspberry-pi-5"], "does not exist"),
+        (["compress", "builtin:smollm2-135m", "--target", "pi-9"], "unknown target 'pi-9'"),
+        (["compress", "builtin:smollm2-135m", "--recipe", "nope"], "unknown recipe 'nope'"),
+        (["compress", "builtin:minilm-l6", "--target", "raspberry-pi-5"],
+         "not a causal language model"),
+        (["compress", "builtin:smollm2-135m"], "exactly one of --target or --recipe"),
+        (["targets", "show", "pi-9"], "unknown target"),
+        (["recipes", "validate", "/nonexistent.yaml"], "does not exist"),
+        (["export", "builtin:smollm2-135m", "--outtype", "q1"], "invalid --outtype"),
+    ],
+)
+def test_bad_input_one_line_exit_2(args: list[str], message: str) -> None:
+    p = run(*args)
+    assert p.returncode == 2, p.stderr
+    assert message in error_line(p)
+
+
+def test_debug_shows_traceback() -> None:
+    p = run("--debug", "targets", "show", "pi-9")
+    assert p.returncode != 0 and "Traceback" in p.stderr
+
+
+@pytest.mark.parametrize("cmd", [["compress"], ["export"], ["targets", "fit"],
+                                 ["recipes", "validate"], ["targets", "list"]])
+def test_every_command_has_help_with_example(cmd: list[str]) -> None:
+    p = run(*cmd, "--help")
+    assert p.returncode == 0 and "Example" in p.stdout
+
+
+def test_export_writes_f16_and_refuses_overwrite(tiny_llama: Path, tmp_path: Path) -> None:
+    p = run("export", str(tiny_llama), "--format", "gguf", "--outtype", "f16", "-o",
+            str(tmp_path), "--json")
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    assert Path(res["path"]).name == "tiny-llama.F16.gguf"
+    assert res["sha256"] == sha256_file(Path(res["path"]))
+    p = run("export", str(tiny_llama), "-o", str(tmp_path))
+    assert p.returncode == 2 and "already exists" in error_line(p)
