@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,7 @@ HF_PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
     ]},
 }
 GGUF_MAGIC = b"GGUF"
+_TYPE_SUFFIX = re.compile(r"(?i)(f16|bf16|f32|q\d(_k)?(_[a-z0-9]+)?|iq\d_\w+)")
 
 
 @dataclass
@@ -68,9 +70,14 @@ class ModelRef:
 
     @property
     def name(self) -> str:
+        """A short name for output files: the builtin name, the directory, or the GGUF stem
+        without its type suffix (model.Q4_1.gguf -> model)."""
         if self.builtin:
             return self.builtin
-        return self.path.stem if self.kind == "gguf" else self.path.name
+        if self.kind == "hf":
+            return self.path.name
+        stem, _, last = self.path.stem.rpartition(".")
+        return stem if stem and _TYPE_SUFFIX.fullmatch(last) else self.path.stem
 
     def fingerprint(self) -> str:
         """A cheap, stable identity (paths, sizes, mtimes) used as a cache key."""
@@ -254,7 +261,7 @@ def as_hf_dir(ref: ModelRef, progress: Any = None) -> Path:
         if not any(ref.path.glob("*.safetensors")):
             return _pickle_to_safetensors(ref)
         return ref.path
-    dest = cache_root() / "hf" / f"{ref.name}-{ref.fingerprint()}"
+    dest = cache_root() / "hf" / ref.fingerprint()
     if (dest / ".complete").exists():
         return dest
     task = None

@@ -161,7 +161,7 @@ def compress(spec: str, recipe: Recipe, opts: Options, progress: Any) -> dict[st
     for p in outs.values():
         check_writable(p, opts.force)
     llamacpp_src.installed_version()  # fail early, naming the extra, if llama.cpp is missing
-    cache = cache_root() / "runs" / f"{ref.name}-{ref.fingerprint()}"
+    cache = cache_root() / "runs" / ref.fingerprint()
     cache.mkdir(parents=True, exist_ok=True)
     ctx = RunContext(out_dir=opts.out_dir, cache_dir=cache, progress=progress, force=opts.force)
     if opts.threads:
@@ -185,7 +185,7 @@ def compress(spec: str, recipe: Recipe, opts: Options, progress: Any) -> dict[st
         if step.kind == "export":
             exporter = EXPORTERS[step.name](step.config)
             outtype = step.config.outtype.upper()
-            cached = cache / f"{hf_dir.name}.{outtype}.llama-cpp-{version}.gguf"
+            cached = cache / f"{ref.name}.{hf_dir.name}.{outtype}.llama-cpp-{version}.gguf"
             dest = cached if format_steps else outs["artifact"]
             with t.stage("convert"):
                 if dest == cached and cached.exists():
