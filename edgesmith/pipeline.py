@@ -217,7 +217,9 @@ def compress(spec: str, recipe: Recipe, opts: Options, progress: Any) -> dict[st
                       "eval": {"ctx": spec_eval.ctx, "windows": spec_eval.windows,
                                "tokens_scored": q.tokens_scored, "corpus": "builtin:heldout"}},
         "baseline": {"type": baseline.meta.get("type"), "size_bytes": baseline.path.stat().st_size,
-                     "quality": q_base.as_dict()},
+                     "quality": q_base.as_dict(),
+                     "convert_peak_rss_bytes": baseline.meta.get("peak_rss_bytes"),
+                     "convert_peak_anon_bytes": baseline.meta.get("peak_anon_bytes")},
         "artifacts": [{
             "path": artifact.path.name, "format": "gguf", "type": artifact.meta.get("type"),
             "size_bytes": size, "sha256": sha256_file(artifact.path),

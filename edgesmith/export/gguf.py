@@ -42,7 +42,7 @@ def _count_tensors(hf_dir: Path) -> int:
 
 
 def convert(hf_dir: Path, dest: Path, outtype: str, ctx: RunContext) -> dict[str, float]:
-    """Run the converter into ``dest`` atomically. Returns wall time and child peak RSS."""
+    """Run the converter into ``dest`` atomically. Returns the converter's peak memory."""
     script = llamacpp_src.convert_script()
     total = _count_tensors(hf_dir)
     task = ctx.task(f"convert to {outtype.upper()} GGUF (llama.cpp converter)", total=total)
@@ -50,14 +50,18 @@ def convert(hf_dir: Path, dest: Path, outtype: str, ctx: RunContext) -> dict[str
         cmd = [sys.executable, str(script), str(hf_dir), "--outfile", str(tmp),
                "--outtype", outtype]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        peak = [0]
+        peak = {"rss": 0, "anon": 0}
 
         def sample() -> None:
+            # anon = RSS less file-backed pages: the converter mmaps the safetensors, and those
+            # pages count in RSS but are page cache the kernel can drop under pressure.
             try:
                 p = psutil.Process(proc.pid)
                 while proc.poll() is None:
-                    peak[0] = max(peak[0], p.memory_info().rss)
-                    time.sleep(0.05)
+                    mi = p.memory_info()
+                    peak["rss"] = max(peak["rss"], mi.rss)
+                    peak["anon"] = max(peak["anon"], mi.rss - mi.shared)
+                    time.sleep(0.02)
             except psutil.Error:
                 pass
 
@@ -77,7 +81,7 @@ def convert(hf_dir: Path, dest: Path, outtype: str, ctx: RunContext) -> dict[str
             raise ToolError(f"llama.cpp's converter failed on {hf_dir}: {msg.strip()}",
                             "check that the model's architecture is supported by llama.cpp")
     ctx.progress.update(task, completed=total)
-    return {"peak_rss_bytes": float(peak[0])}
+    return {"peak_rss_bytes": float(peak["rss"]), "peak_anon_bytes": float(peak["anon"])}
 
 
 class GGUFExporter:

@@ -145,3 +145,34 @@ def test_export_writes_f16_and_refuses_overwrite(tiny_llama: Path, tmp_path: Pat
     assert res["sha256"] == sha256_file(Path(res["path"]))
     p = run("export", str(tiny_llama), "-o", str(tmp_path))
     assert p.returncode == 2 and "already exists" in error_line(p)
+
+
+def test_killed_run_leaves_no_partial_output_and_resumes(tiny_llama: Path, tmp_path: Path) -> None:
+    import signal
+    import time
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "llama.cpp").symlink_to(Path(os.environ["EDGESMITH_CACHE"]) / "llama.cpp")
+    (tmp_path / "r.yaml").write_text(RECIPE.format(max_kld=10, max_size=100))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "edgesmith.cli", "compress", str(tiny_llama), "--recipe",
+           str(tmp_path / "r.yaml"), "-o", str(out)]
+    env = {**os.environ, "EDGESMITH_CACHE": str(cache)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if list(cache.glob("runs/*/*.F16.*.gguf")):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "compress finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    f16 = next(cache.glob("runs/*/*.F16.*.gguf"))
+    stamp = f16.stat().st_mtime_ns
+    # no visible partial artifact: the quantized file appears only by an atomic rename
+    assert not (out / "tiny-llama.Q4_K_M.gguf").exists() and not (out / "manifest.json").exists()
+    p = subprocess.run([*cmd, "--json"], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert f16.stat().st_mtime_ns == stamp  # the F16 GGUF was not recomputed
+    assert json.loads(p.stdout)["timings_s"]["convert"] < 1.0
