@@ -242,7 +242,8 @@ def main() -> None:
     """Entry point: one-line errors (exit 2) unless --debug."""
     debug = "--debug" in sys.argv
     try:
-        app(standalone_mode=False)
+        # Typer turns Ctrl-C (and typer.Exit) into a returned exit code when not standalone
+        rc = app(standalone_mode=False)
     except EdgesmithError as exc:
         if debug:
             raise
@@ -266,6 +267,10 @@ def main() -> None:
         err.print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the "
                   "traceback)", markup=False, soft_wrap=True)
         sys.exit(1)
+    if isinstance(rc, int) and rc != 0:
+        if rc == 130:
+            err.print("interrupted; no partial outputs were left", markup=False)
+        sys.exit(rc)
 
 
 if __name__ == "__main__":
