@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -47,23 +48,7 @@ class LlamaCppSession:
 
     def generate(self, prompt_tokens: list[int], n: int) -> GenerationResult:
         """Greedy generation of exactly ``n`` tokens (EOS is not a stop: fixed work to time)."""
-        llm = self.llm
-        llm.reset()
-        t0 = time.perf_counter()
-        llm.eval(prompt_tokens)
-        t_prefill = time.perf_counter() - t0
-        out: list[int] = []
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        ttft = time.perf_counter() - t0
-        out.append(tok)
-        t1 = time.perf_counter()
-        for _ in range(n - 1):
-            llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            out.append(tok)
-        decode = time.perf_counter() - t1
-        return GenerationResult(len(prompt_tokens), out, self.detokenize(out), ttft, t_prefill,
-                                decode)
+        return generate_greedy(self.llm, prompt_tokens, n)
 
     def close(self) -> None:
         self.llm.close()
@@ -76,3 +61,34 @@ class LlamaCppRunner:
     def open(self, artifact: Path, *, threads: int | None = None, n_ctx: int = 2048,
              logits_all: bool = False) -> LlamaCppSession:
         return LlamaCppSession(Path(artifact), threads, n_ctx, logits_all)
+
+
+def generate_greedy(llm: Any, prompt_tokens: list[int], n: int) -> GenerationResult:
+    """Time a greedy generation on a loaded ``llama_cpp.Llama`` (also used by the server).
+
+    The argmax is read straight from llama.cpp's logits buffer of the last position (no copy
+    of the score matrix, which this llama-cpp-python only fills with logits_all), so the
+    timed loop is llama_decode plus one vocabulary-sized argmax per token: as close to
+    llama-bench as Python gets. Every call starts from an empty context.
+    """
+    if not prompt_tokens or n < 1:
+        raise ValueError("generate needs at least one prompt token and n >= 1")
+    n_vocab = llm.n_vocab()
+
+    def argmax_last() -> int:
+        logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
+        return int(logits.argmax())
+
+    llm.reset()  # the next eval drops the whole KV cache
+    t0 = time.perf_counter()
+    llm.eval(prompt_tokens)
+    prefill = time.perf_counter() - t0
+    out = [argmax_last()]
+    ttft = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    for _ in range(n - 1):
+        llm.eval(out[-1:])
+        out.append(argmax_last())
+    decode = time.perf_counter() - t1
+    text = llm.detokenize(out).decode("utf-8", errors="replace")
+    return GenerationResult(len(prompt_tokens), out, text, ttft, prefill, decode)
