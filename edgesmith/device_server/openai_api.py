@@ -1,0 +1,199 @@
+"""OpenAI-compatible request validation and response shapes (no Flask here).
+
+Requests are parsed strictly (a string where a number belongs is a 400, not a guess); fields
+of the OpenAI API that do not change the result here (``user``, ``frequency_penalty``...) are
+ignored, and ones we cannot honour (``n`` > 1, ``logprobs``, ``tools``) are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgesmith.device_server.engine import Finished, SamplingParams
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": {message, type, param, code}}``."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+        self.param, self.code, self.headers = param, code, headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
+                          "code": self.code}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Literal[1] = 1
+    logprobs: Literal[False, None] = None
+
+    def stops(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if len(stops) > 4:
+            raise ApiError(400, "stop: at most 4 stop sequences", param="stop")
+        return stops
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str = Field(max_length=1_000_000)
+    echo: Literal[False] = False
+
+
+class GenerateRequest(_Sampling):
+    prompt: str = Field(max_length=1_000_000)
+    stream: Literal[False] = False
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def as_dict(self) -> dict[str, str]:
+        content = self.content or ""
+        if isinstance(content, list):
+            content = "".join(p.text for p in content)
+        return {"role": self.role, "content": content}
+
+
+class ChatRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1, max_length=10_000)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[Any] | None = Field(None, max_length=0)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw, parse_constant=_no_constant)  # NaN and Infinity are not JSON
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc}") from exc
+
+
+def parse(model: type[M], body: Any) -> M:
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise ApiError(400, f"{where}: {first['msg']}{more}", param=where) from exc
+
+
+def sampling(req: _Sampling, n_prompt: int, n_ctx: int, cap: int) -> SamplingParams:
+    """Check the prompt and max_tokens against the context and the cap."""
+    if n_prompt >= n_ctx:
+        raise ApiError(400, f"the prompt is {n_prompt} tokens; this server's context is "
+                            f"{n_ctx} tokens", param="messages", code="context_length_exceeded")
+    requested = req.requested_max_tokens()
+    if requested is not None and requested > cap:
+        raise ApiError(400, f"max_tokens {requested} is above this server's cap of {cap}",
+                       param="max_tokens", code="max_tokens_exceeded")
+    if requested is not None and n_prompt + requested > n_ctx:
+        raise ApiError(400, f"the prompt ({n_prompt} tokens) plus max_tokens ({requested}) "
+                            f"exceeds this server's context of {n_ctx} tokens",
+                       param="max_tokens", code="context_length_exceeded")
+    max_tokens = requested if requested is not None else min(cap, n_ctx - n_prompt)
+    return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                          stop=req.stops(), seed=req.seed)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(done: Finished) -> dict[str, int]:
+    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens}
+
+
+def _reason(done: Finished | None) -> str | None:
+    # A cancelled generation has no client left to read it; "length" is the closest value.
+    return None if done is None else ("length" if done.finish_reason == "cancelled"
+                                      else done.finish_reason)
+
+
+def completion(rid: str, model: str, text: str, done: Finished) -> dict[str, Any]:
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None,
+                         "finish_reason": _reason(done)}],
+            "usage": usage(done)}
+
+
+def chat(rid: str, model: str, text: str, done: Finished) -> dict[str, Any]:
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "logprobs": None, "finish_reason": _reason(done)}],
+            "usage": usage(done)}
+
+
+def completion_chunk(rid: str, model: str, text: str,
+                     done: Finished | None = None) -> dict[str, Any]:
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None,
+                         "finish_reason": _reason(done)}]}
+
+
+def chat_chunk(rid: str, model: str, delta: dict[str, str],
+               done: Finished | None = None) -> dict[str, Any]:
+    return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                         "finish_reason": _reason(done)}]}
+
+
+def usage_chunk(rid: str, model: str, obj: str, done: Finished) -> dict[str, Any]:
+    return {"id": rid, "object": obj, "created": int(time.time()), "model": model,
+            "choices": [], "usage": usage(done)}
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {payload}\n\n".encode()
