@@ -28,21 +28,24 @@ def measure(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, f
     """Wall seconds, peak RSS and peak anonymous memory (RSS less file-backed pages) of cmd."""
     import psutil
 
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    peak_rss = peak_anon = 0
-    p = psutil.Process(proc.pid)
-    while proc.poll() is None:
-        try:
-            mi = p.memory_info()
-            peak_rss, peak_anon = max(peak_rss, mi.rss), max(peak_anon, mi.rss - mi.shared)
-        except psutil.Error:
-            break
-        time.sleep(0.02)
-    _, err = proc.communicate()
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{err.decode()[-2000:]}")
+    # the log goes to a file, not a pipe: a chatty tool would block on a full pipe
+    with tempfile.TemporaryFile() as log:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env)
+        peak_rss = peak_anon = 0
+        p = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                mi = p.memory_info()
+                peak_rss, peak_anon = max(peak_rss, mi.rss), max(peak_anon, mi.rss - mi.shared)
+            except psutil.Error:
+                break
+            time.sleep(0.02)
+        proc.wait()
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            log.seek(0)
+            raise SystemExit(f"failed: {' '.join(cmd)}\n{log.read().decode()[-2000:]}")
     return wall, float(peak_rss), float(peak_anon)
 
 
