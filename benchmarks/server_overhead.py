@@ -38,28 +38,11 @@ PROMPTS = [f"Note {i}. Counting from one: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10," for i 
 
 def smollm2_gguf(qtype: str = "Q4_K_M") -> Path:
     """SmolLM2-135M as a plain ``qtype`` GGUF (edgesmith's converter + quantizer), cached."""
-    from edgesmith import models
-    from edgesmith.compress.gguf_quantize import quantize
-    from edgesmith.context import RunContext, make_progress
-    from edgesmith.export import EXPORTERS, llamacpp_src
-    from edgesmith.fsutil import cache_root
+    from edgesmith.context import make_progress
+    from edgesmith.pipeline import plain_gguf
 
-    ref = models.resolve("builtin:smollm2-135m")
-    cache = cache_root() / "runs" / ref.fingerprint()
-    dest = cache / f"{ref.name}.{qtype}.plain.gguf"
-    if dest.exists():
-        return dest
-    cache.mkdir(parents=True, exist_ok=True)
     with make_progress() as progress:
-        ctx = RunContext(out_dir=cache, cache_dir=cache, progress=progress)
-        hf_dir = models.as_hf_dir(ref, progress)
-        version = llamacpp_src.installed_version()
-        f16 = cache / f"{ref.name}.{hf_dir.name}.F16.llama-cpp-{version}.gguf"
-        if not f16.exists():
-            exporter = EXPORTERS["gguf"]
-            exporter(exporter.Config(outtype="f16")).export(hf_dir, ctx, f16)
-        quantize(f16, dest, qtype, None, ctx)
-    return dest
+        return plain_gguf("builtin:smollm2-135m", qtype, progress)
 
 
 # --- direct, in process ----------------------------------------------------------------------

@@ -150,6 +150,32 @@ def _imatrix(hf_dir: Path, recipe: Recipe, cache: Path, ctx: RunContext) -> imat
     return imx
 
 
+def _converted_name(ref: models.ModelRef, hf_dir: Path, outtype: str, version: str) -> str:
+    """Cache name of a converted GGUF: input, (passed) HF dir, type and the converter's version."""
+    return f"{ref.name}.{hf_dir.name}.{outtype}.llama-cpp-{version}.gguf"
+
+
+def plain_gguf(spec: str, qtype: str, progress: Any) -> Path:
+    """``spec`` converted to F16 and quantized to ``qtype`` without an importance matrix
+    (what llama.cpp's own tools make by default), cached; shares the F16 with ``compress``."""
+    from edgesmith.compress.gguf_quantize import quantize
+
+    ref = models.resolve(spec)
+    cache = cache_root() / "runs" / ref.fingerprint()
+    dest = cache / f"{ref.name}.{qtype}.plain.gguf"
+    if dest.exists():
+        return dest
+    cache.mkdir(parents=True, exist_ok=True)
+    ctx = RunContext(out_dir=cache, cache_dir=cache, progress=progress)
+    hf_dir = models.as_hf_dir(ref, progress)
+    f16 = cache / _converted_name(ref, hf_dir, "F16", llamacpp_src.installed_version())
+    if not f16.exists():
+        exporter = EXPORTERS["gguf"]
+        exporter(exporter.Config(outtype="f16")).export(hf_dir, ctx, f16)
+    quantize(f16, dest, qtype, None, ctx)
+    return dest
+
+
 def compress(spec: str, recipe: Recipe, opts: Options, progress: Any) -> dict[str, Any]:
     """Run ``recipe`` on model ``spec``; returns the manifest (also written to out_dir)."""
     t = Timings()
@@ -185,7 +211,7 @@ def compress(spec: str, recipe: Recipe, opts: Options, progress: Any) -> dict[st
         if step.kind == "export":
             exporter = EXPORTERS[step.name](step.config)
             outtype = step.config.outtype.upper()
-            cached = cache / f"{ref.name}.{hf_dir.name}.{outtype}.llama-cpp-{version}.gguf"
+            cached = cache / _converted_name(ref, hf_dir, outtype, version)
             dest = cached if format_steps else outs["artifact"]
             with t.stage("convert"):
                 if dest == cached and cached.exists():
