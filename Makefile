@@ -21,15 +21,16 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 install: $(VENV)/.installed
 
-# System tools the tests use: Debian's chromium (report rendering), shellcheck (install script),
-# cmake (llama.cpp's own tools, for benchmarks). Installed only when missing and when root.
+# System tools the tests use: Debian's chromium (report rendering), shellcheck and
+# systemd-analyze (install script and its unit), cmake (llama.cpp's own tools, for benchmarks).
+# Installed only when missing and when root.
 sysdeps:
 	@if ! command -v chromium >/dev/null || ! command -v shellcheck >/dev/null \
-	    || ! command -v cmake >/dev/null; then \
+	    || ! command -v cmake >/dev/null || ! command -v systemd-analyze >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	      chromium shellcheck cmake >/dev/null; \
-	  else echo "please install: chromium shellcheck cmake (apt-get)"; exit 1; fi; \
+	      chromium shellcheck cmake systemd >/dev/null; \
+	  else echo "please install: chromium shellcheck cmake systemd (apt-get)"; exit 1; fi; \
 	fi
 
 test: install sysdeps

@@ -86,7 +86,8 @@ def bench(
         raise EdgesmithError("--remote needs --api-key-file", "pass the server's key file")
     with make_progress() as progress:
         if remote:
-            from edgesmith.bench.remote import bench_remote, read_api_key
+            from edgesmith.bench.remote import bench_remote
+            from edgesmith.device_server.cli import read_api_key
 
             task = progress.add_task(f"bench on {remote}", total=None)
             result = bench_remote(remote, read_api_key(api_key_file), artifact,

@@ -21,17 +21,6 @@ from edgesmith.fsutil import sha256_file
 ENDPOINT = "/v1/edgesmith/bench"
 
 
-def read_api_key(path: Path) -> str:
-    try:
-        key = Path(path).read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise EdgesmithError(f"cannot read the API key file {path}: {exc}",
-                             "pass --api-key-file with the device server's key") from exc
-    if not key:
-        raise EdgesmithError(f"the API key file {path} is empty", "put the server's key in it")
-    return key
-
-
 def _post(url: str, body: dict[str, Any], api_key: str, timeout_s: float) -> Any:
     req = urllib.request.Request(
         url, data=json.dumps(body).encode(), method="POST",

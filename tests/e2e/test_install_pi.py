@@ -112,8 +112,7 @@ def test_unit_is_hardened_and_valid(tmp_path: Path) -> None:
                  "CapabilityBoundingSet=", "WantedBy=multi-user.target"):
         assert line in unit.splitlines(), line
     analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze is not installed")
+    assert analyze, "Debian's systemd is needed (make sysdeps installs it)"
     (prefix / "bin").mkdir(parents=True)
     (prefix / "bin/edgesmith-server").write_text("#!/bin/sh\n")
     (prefix / "bin/edgesmith-server").chmod(0o755)
