@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 from edgesmith.device_server import templates
 from edgesmith.device_server.metrics import Metrics
-from edgesmith.errors import EdgesmithError, ModelError, require
+from edgesmith.errors import EdgesmithError, ModelError
 
 log = logging.getLogger("edgesmith.server")
 T = TypeVar("T")
@@ -144,7 +144,9 @@ class Engine:
 
     def __init__(self, model_path: Path, *, n_ctx: int, threads: int, queue_size: int,
                  metrics: Metrics) -> None:
-        require("llama_cpp", "server")
+        from edgesmith.bench.runners.llama_cpp import require_llama_cpp
+
+        require_llama_cpp("server")
         from llama_cpp import Llama, llama_vocab_is_eog
 
         self.model_path = Path(model_path)

@@ -9,7 +9,9 @@ install) and extracted into the cache. EDGESMITH_LLAMA_CPP_SDIST=/path/to/sdist.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -80,18 +82,37 @@ def convert_script() -> Path:
     return source_dir() / "convert_hf_to_gguf.py"
 
 
+def cpu_cmake_args() -> list[str]:
+    """CMake flags for llama.cpp on this CPU: native, with AMX compiled out on x86-64.
+
+    llama.cpp's AMX matmul crashes (SIGSEGV in ggml_backend_amx_mul_mat,
+    ggml-org/llama.cpp#20824) on Sapphire Rapids machines that report AMX; the Makefile
+    builds llama-cpp-python with the same flags.
+    """
+    args = ["-DGGML_NATIVE=ON"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        cc = os.environ.get("CC", "cc")
+        off = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+        ok = shutil.which(cc) and subprocess.run(
+            [cc, *off.split(), "-x", "c", "-E", os.devnull], capture_output=True).returncode == 0
+        if ok:
+            args += [f"-DCMAKE_C_FLAGS={off}", f"-DCMAKE_CXX_FLAGS={off}"]
+    return args
+
+
 def build_tools(targets: tuple[str, ...] = ("llama-quantize", "llama-imatrix", "llama-bench"),
                 jobs: int | None = None) -> Path:
     """Build llama.cpp's own tools from the same sdist (for benchmarks); returns the bin dir."""
     src = source_dir()
-    build = src.parent / "build"
+    flags = cpu_cmake_args()
+    build = src.parent / f"build-{hashlib.sha256(' '.join(flags).encode()).hexdigest()[:12]}"
     bindir = build / "bin"
     if all((bindir / t).exists() for t in targets):
         return bindir
     if shutil.which("cmake") is None:
         raise DependencyError("cmake is needed to build llama.cpp's tools", "apt-get install cmake")
     cfg = ["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-           "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF",
+           "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", *flags, "-DLLAMA_BUILD_TESTS=OFF",
            "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DBUILD_SHARED_LIBS=OFF"]
     for cmd in (cfg, ["cmake", "--build", str(build), "-j", str(jobs or os.cpu_count() or 2),
                       "--target", *targets]):

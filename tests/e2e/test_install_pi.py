@@ -86,7 +86,8 @@ def test_script_is_shellcheck_clean() -> None:
 @pytest.mark.parametrize(("arch", "features", "expected"), [
     ("aarch64", PI5_FEATURES, "-DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16"),
     ("aarch64", PI4_FEATURES, "-DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH=armv8-a"),
-    ("x86_64", "", "-DGGML_NATIVE=ON"),
+    ("x86_64", "", "-DGGML_NATIVE=ON '-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' "
+                   "'-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'"),
 ])
 def test_cmake_args_follow_the_cpu(tmp_path: Path, arch: str, features: str,
                                    expected: str) -> None:
@@ -169,6 +170,8 @@ def test_install_twice_serve_uninstall(tmp_path: Path) -> None:
     def opts(port: int, with_key: bool = True) -> list[str]:
         out = ["--prefix", str(prefix), "--no-systemd", "--skip-apt", "--model", str(model),
                "--port", str(port), "--threads", "1", "--ctx", "512"]
+        if os.environ.get("EDGESMITH_WHEELS"):  # make's llama-cpp-python wheel, same CMAKE_ARGS
+            out += ["--pip-args", f"--find-links {os.environ['EDGESMITH_WHEELS']}"]
         return [*out, "--api-key-file", str(key)] if with_key else out
 
     args = opts(port)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -12,11 +13,33 @@ import numpy as np
 from edgesmith.bench.runners.base import GenerationResult, log_softmax
 from edgesmith.errors import ModelError, require
 
+_AMX_WARNED = False
+
+
+def require_llama_cpp(extra: str) -> Any:
+    """Import llama_cpp (or fail naming the extra); warn once if this build uses AMX.
+
+    llama.cpp's AMX matmul crashes with SIGSEGV on some machines that report AMX
+    (ggml-org/llama.cpp#20824); ``make install`` compiles it out, a llama-cpp-python
+    installed by other means may not have.
+    """
+    global _AMX_WARNED
+    llama_cpp = require("llama_cpp", extra)
+    if not _AMX_WARNED and "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode():
+        _AMX_WARNED = True
+        sys.stderr.write(
+            "warning: this llama-cpp-python was built with AMX, which crashes (SIGSEGV) on some "
+            "machines (llama.cpp#20824); if it does, rebuild it: CMAKE_ARGS=\"-DGGML_NATIVE=ON "
+            "'-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' "
+            "'-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'\" pip install "
+            "--force-reinstall --no-deps --no-cache-dir llama-cpp-python (or run make install)\n")
+    return llama_cpp
+
 
 class LlamaCppSession:
     def __init__(self, path: Path, threads: int | None, n_ctx: int, logits_all: bool,
                  n_batch: int = 512) -> None:
-        require("llama_cpp", "gguf")
+        require_llama_cpp("gguf")
         from llama_cpp import Llama
 
         self.path = path

@@ -135,7 +135,8 @@ parse_args() {
 
 # CMAKE_ARGS for llama.cpp on this CPU. A Pi 5 (Cortex-A76) has the dot-product and fp16
 # instructions of Armv8.2-A; a Pi 4 (Cortex-A72) is plain Armv8-A. GGML_NATIVE is off on Arm so
-# the flags do not depend on what the compiler guesses; x86 builds for the machine it is on.
+# the flags do not depend on what the compiler guesses; x86 builds for the machine it is on,
+# without AMX.
 # EDGESMITH_ARCH and EDGESMITH_CPUINFO override uname -m and /proc/cpuinfo (for tests).
 cmake_args() {
     if [[ -n $CMAKE_ARGS_OVERRIDE ]]; then echo "$CMAKE_ARGS_OVERRIDE"; return; fi
@@ -152,7 +153,16 @@ cmake_args() {
                 march=armv8-a
             fi
             echo "-DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH=$march" ;;
-        x86_64|amd64) echo "-DGGML_NATIVE=ON" ;;
+        x86_64|amd64)
+            # llama.cpp's AMX matmul crashes on some Sapphire Rapids machines
+            # (ggml-org/llama.cpp#20824): compile it out where the compiler knows the flag
+            local off="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+            # shellcheck disable=SC2086  # a list of flags
+            if "${CC:-cc}" $off -x c -E /dev/null >/dev/null 2>&1; then
+                echo "-DGGML_NATIVE=ON '-DCMAKE_C_FLAGS=$off' '-DCMAKE_CXX_FLAGS=$off'"
+            else
+                echo "-DGGML_NATIVE=ON"
+            fi ;;
         armv7l|armv6l) die "this is a 32-bit ARM system; install Raspberry Pi OS 64-bit" ;;
         *) die "unsupported CPU architecture $arch" ;;
     esac
