@@ -240,7 +240,10 @@ _register_subcommands()
 
 def main() -> None:
     """Entry point: one-line errors (exit 2) unless --debug."""
+    from edgesmith import interrupts
+
     debug = "--debug" in sys.argv
+    interrupts.install()
     try:
         # Typer turns Ctrl-C (and typer.Exit) into a returned exit code when not standalone
         rc = app(standalone_mode=False)

@@ -23,6 +23,7 @@ from edgesmith.bench.results import ArtifactInfo, BenchResult, Metrics, Quality,
 from edgesmith.bench.runners.base import GenerationResult, Session
 from edgesmith.errors import EdgesmithError, ModelError
 from edgesmith.fsutil import sha256_file
+from edgesmith.interrupts import check as check_interrupt
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -123,6 +124,7 @@ def measure(open_session: Callable[[], Session], spec: SpeedSpec, *, reload_each
                 session = open_session()
             prompt = prompt or prompt_ids(session, spec.prompt_tokens)
             gen = session.generate(prompt, spec.gen_tokens)
+            check_interrupt()
             if i >= spec.warmup:
                 runs.append((session.load_s, gen, peak_rss_mb()))
             if progress is not None:

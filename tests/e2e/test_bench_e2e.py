@@ -87,7 +87,10 @@ def test_bad_inputs_fail_in_one_line(tmp_path: Path, local_result: Path) -> None
     assert not (tmp_path / "r.html").exists()
 
 
-def test_ctrl_c_leaves_no_partial_results(model: Path, tmp_path: Path) -> None:
+# 0.05 s after llama.cpp's libraries appear the first model load is under way (Ctrl-C there
+# lands in llama-cpp-python's log callback, where ctypes discards it); at 1.5 s a generation runs
+@pytest.mark.parametrize("delay", [0.05, 1.5])
+def test_ctrl_c_leaves_no_partial_results(model: Path, tmp_path: Path, delay: float) -> None:
     out = tmp_path / "long.json"
     proc = subprocess.Popen([sys.executable, "-m", "edgesmith.cli", "bench", str(model),
                              "--threads", "1", "--repeat", "100", "-o", str(out)],
@@ -95,7 +98,13 @@ def test_ctrl_c_leaves_no_partial_results(model: Path, tmp_path: Path) -> None:
                             # a shell without job control starts background jobs with SIGINT
                             # ignored; give the child Python its default Ctrl-C handling
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    time.sleep(6)  # past start-up, inside the repeats
+    # wait for the first model load (llama.cpp is imported then), however slow start-up is
+    maps, deadline = Path(f"/proc/{proc.pid}/maps"), time.monotonic() + 300
+    while "libggml-cpu" not in maps.read_text():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "bench never loaded the model"
+        time.sleep(0.02)
+    time.sleep(delay)
     assert proc.poll() is None, proc.communicate()[1]
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)

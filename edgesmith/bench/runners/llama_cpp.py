@@ -12,6 +12,7 @@ import numpy as np
 
 from edgesmith.bench.runners.base import GenerationResult, log_softmax
 from edgesmith.errors import ModelError, require
+from edgesmith.interrupts import check as check_interrupt
 
 _AMX_WARNED = False
 
@@ -53,6 +54,7 @@ class LlamaCppSession:
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"llama.cpp cannot load {path}: {exc}",
                              "check that the file is a complete GGUF of a supported model") from exc
+        check_interrupt()  # Ctrl-C during the load lands in a log callback and is swallowed
         self.load_s = time.perf_counter() - t0
         self.n_vocab = self.llm.n_vocab()
         self.n_ctx = n_ctx
@@ -66,6 +68,7 @@ class LlamaCppSession:
     def logprobs(self, token_ids: list[int], start: int = 0) -> np.ndarray:
         self.llm.reset()
         self.llm.eval(token_ids)
+        check_interrupt()
         logits = np.asarray(self.llm.scores[start : len(token_ids) - 1])
         return log_softmax(logits)
 
@@ -112,6 +115,7 @@ def generate_greedy(llm: Any, prompt_tokens: list[int], n: int) -> GenerationRes
     for _ in range(n - 1):
         llm.eval(out[-1:])
         out.append(argmax_last())
+    check_interrupt()  # after the timed loop: a no-op unless Ctrl-C was swallowed
     decode = time.perf_counter() - t1
     text = llm.detokenize(out).decode("utf-8", errors="replace")
     return GenerationResult(len(prompt_tokens), out, text, ttft, prefill, decode)
