@@ -136,6 +136,38 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8080,
     err.print("stopped", markup=False, soft_wrap=True)
 
 
+def _json_error_channel(max_body_bytes: int) -> type:
+    """A waitress channel whose own errors (a body over the limit, a malformed request line,
+    headers too large) are answered in the OpenAI error form, like the app's, not as text."""
+    import json
+
+    from waitress.channel import HTTPChannel
+    from waitress.task import ErrorTask
+
+    kinds = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error"}
+
+    class JSONErrorTask(ErrorTask):
+        def execute(self) -> None:
+            e = self.request.error
+            message = str(e.body).strip() or e.reason
+            if e.code == 413:  # the same words as the app's own 413
+                message = f"the request body is larger than this server's limit of " \
+                          f"{max_body_bytes} bytes"
+            kind = kinds.get(e.code, "invalid_request_error" if e.code < 500 else "server_error")
+            body = json.dumps({"error": {"message": message, "type": kind, "param": None,
+                                         "code": None}}).encode()
+            self.status = f"{e.code} {e.reason}"
+            self.response_headers.append(("Content-Type", "application/json"))
+            self.set_close_on_finish()
+            self.content_length = len(body)
+            self.write(body)
+
+    class JSONErrorChannel(HTTPChannel):
+        error_task_class = JSONErrorTask
+
+    return JSONErrorChannel
+
+
 def _waitress(app: Any, sock: socket.socket, config: Any) -> None:
     from waitress.server import create_server
 
@@ -148,10 +180,11 @@ def _waitress(app: Any, sock: socket.socket, config: Any) -> None:
         # read ahead on each connection, so waitress notices a client that went away
         # (waitress.client_disconnected) while its request waits in the queue
         channel_request_lookahead=1,
-        # waitress refuses larger bodies itself; the app's own JSON 413 covers the rest
-        max_request_body_size=2 * config.max_body_bytes + 65536,
+        # a larger body is refused from its Content-Length, before it is read or spooled
+        max_request_body_size=config.max_body_bytes + 1,  # waitress refuses >= its limit
         ident="edgesmith", clear_untrusted_proxy_headers=True,
     )
+    server.channel_class = _json_error_channel(config.max_body_bytes)
     try:
         server.run()
     except KeyboardInterrupt:

@@ -320,6 +320,41 @@ def test_bad_requests(server: Server, method: str, path: str, body: Any, key: st
         assert "POST" in headers["allow"]
 
 
+def raw_exchange(server: Server, data: bytes) -> tuple[int, dict[str, str], Any]:
+    """Send raw bytes on a socket (the server may answer before the body is sent)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        sock.sendall(data)
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        text = resp.read().decode()
+    hdrs = {k.lower(): v for k, v in resp.getheaders()}
+    return resp.status, hdrs, json.loads(text) if "json" in hdrs.get("content-type", "") else text
+
+
+def test_requests_refused_by_the_http_layer_get_json_errors(server: Server) -> None:
+    """Bodies far over the limit are refused by waitress before they are read; those
+    answers, and its answer to a malformed request, have the same OpenAI error form."""
+    head = (f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            "Content-Type: application/json\r\n").encode()
+    huge = head + b"Content-Length: 1000000000\r\n\r\n{"
+    chunk = b"a" * 4096
+    chunked = head + b"Transfer-Encoding: chunked\r\n\r\n" + \
+        (b"1000\r\n" + chunk + b"\r\n") * (BODY_KB // 4 + 2) + b"0\r\n\r\n"
+    for data in (huge, chunked):
+        status, hdrs, out = raw_exchange(server, data)
+        assert status == 413 and hdrs["content-type"] == "application/json", out
+        assert out["error"]["type"] == "invalid_request_error"
+        assert f"limit of {BODY_KB * 1024} bytes" in out["error"]["message"]
+    status, hdrs, out = raw_exchange(server, b"POST /v1/x HTTP/1.1\r\nContent-Length: x\r\n\r\n")
+    assert status == 400 and out["error"]["type"] == "invalid_request_error", out
+    # a body of exactly the limit is accepted
+    body = {"messages": MSG, "max_tokens": 1, "pad": ""}
+    body["pad"] = "a" * (BODY_KB * 1024 - len(json.dumps(body).encode()))
+    raw = json.dumps(body).encode()
+    assert len(raw) == BODY_KB * 1024
+    assert http_request(server, "POST", CHAT, raw=raw)[0] == 200
+
+
 def test_openai_client_sees_errors(server: Server, client: Any) -> None:
     import openai
 
@@ -504,6 +539,10 @@ def test_no_key_on_all_interfaces_warns_and_sigterm_stops(model: Path, tmp_path:
         assert status == 200, out
         status, _, _ = http_request(srv, "GET", "/metrics", key=None)  # no key, no auth
         assert status == 200
+        # the remote benchmark endpoint does not exist on a server without a key
+        status, _, out = http_request(srv, "POST", "/v1/edgesmith/bench", {"repeat": 1},
+                                      key=None)
+        assert status == 404 and out["error"]["type"] == "not_found_error", out
     finally:
         rc, log = srv.stop()
     assert "without an API key" in log and rc == 0 and "stopped" in log, log
