@@ -242,6 +242,18 @@ def test_install_twice_serve_uninstall(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, log.read_text()
 
+    # with a key the server listened on every interface; removing the key takes it back to
+    # loopback (a keyless server on 0.0.0.0 only when --host says so)
+    env_file = prefix / "etc/edgesmith.env"
+    assert "EDGESMITH_HOST=0.0.0.0" in env_file.read_text()
+    fifth = install(*opts(port, with_key=False), "--no-api-key", timeout=300)
+    assert fifth.returncode == 0, fifth.stdout + fifth.stderr
+    settings = env_file.read_text()
+    assert "EDGESMITH_HOST=127.0.0.1" in settings and not (prefix / "etc/api-key").exists()
+    sixth = install(*opts(port, with_key=False), "--no-api-key", "--host", "0.0.0.0",
+                    timeout=300)
+    assert sixth.returncode == 0 and "EDGESMITH_HOST=0.0.0.0" in env_file.read_text()
+
     p = install("--prefix", str(prefix), "--no-systemd", "--uninstall", "--dry-run")
     assert p.returncode == 0 and prefix.exists() and "would change" in p.stdout
     p = install("--prefix", str(prefix), "--no-systemd", "--uninstall")

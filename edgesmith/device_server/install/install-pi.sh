@@ -55,7 +55,7 @@ Options:
   --port N            TCP port (default: 8080)
   --host ADDR         listen address (default: 0.0.0.0 with an API key, else 127.0.0.1)
   --api-key-file F    require 'Authorization: Bearer KEY' with the key in F (copied, mode 0640)
-  --no-api-key        remove an installed API key
+  --no-api-key        remove an installed API key (the server goes back to 127.0.0.1 unless --host)
   --threads N         llama.cpp threads (default: all cores)
   --ctx N             context length in tokens (default: 2048)
   --source PATH       edgesmith wheel, sdist or source directory
@@ -227,6 +227,8 @@ resolve_settings() {
     fi
     local default_host=127.0.0.1
     [[ -n $KEY_DEST ]] && default_host=0.0.0.0
+    # removing the key also takes the server off the network, unless --host says otherwise
+    ((NO_API_KEY)) && HOST=${HOST:-$default_host}
     HOST=${HOST:-$(installed_setting EDGESMITH_HOST)}
     HOST=${HOST:-$default_host}
     [[ $HOST =~ ^[A-Za-z0-9.:-]+$ ]] || die "--host must be an address or host name"
