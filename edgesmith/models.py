@@ -223,30 +223,20 @@ def check_safetensors(path: Path) -> dict[str, Any]:
 
 def check_gguf(path: Path) -> None:
     """Parse a GGUF fully enough to catch a bad magic, a truncated header or truncated data."""
-    try:
-        from gguf import GGUFReader
+    from edgesmith.gguf_file import GGUFFormatError, read_header
 
-        reader = GGUFReader(str(path))
-        size = path.stat().st_size
-        for t in reader.tensors:
-            if int(t.data_offset) + int(t.n_bytes) > size:
-                raise ValueError(f"tensor {t.name} runs past the end of the file")
-    except ModelError:
-        raise
-    except Exception as exc:  # the reader raises many kinds on a bad file
+    try:
+        read_header(path)  # also checks that every tensor's data lies inside the file
+    except (GGUFFormatError, OSError) as exc:
         raise ModelError(
             f"corrupt or truncated GGUF file {path}: {exc}", "re-download or re-export it"
         ) from exc
 
 
 def gguf_architecture(path: Path) -> str:
-    from gguf import GGUFReader
+    from edgesmith.gguf_file import read_header
 
-    reader = GGUFReader(str(path))
-    field = reader.fields.get("general.architecture")
-    if field is None:
-        return "unknown"
-    return bytes(field.parts[field.data[0]]).decode("utf-8")
+    return str(read_header(path).field("general.architecture", "unknown"))
 
 
 def is_causal_lm(ref: ModelRef) -> bool:
@@ -311,10 +301,9 @@ def _gguf_to_hf_dir(gguf_path: Path, dest: Path) -> None:
 
 def _restore_pre_tokenizer(gguf_path: Path, tokenizer_json: Path) -> None:
     """Give the HF tokenizer the GGUF's own pre-tokenizer, so both split text the same way."""
-    from gguf import GGUFReader
+    from edgesmith.gguf_file import read_header
 
-    field = GGUFReader(str(gguf_path)).fields.get("tokenizer.ggml.pre")
-    pre = bytes(field.parts[-1]).decode() if field is not None else None
+    pre = read_header(gguf_path).field("tokenizer.ggml.pre")
     if pre in HF_PRE_TOKENIZERS and tokenizer_json.exists():
         data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
         data["pre_tokenizer"] = HF_PRE_TOKENIZERS[pre]

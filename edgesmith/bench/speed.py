@@ -85,18 +85,20 @@ def artifact_info(path: Path) -> ArtifactInfo:
     if path.suffix != ".gguf":
         raise ModelError(f"cannot describe {path}: only GGUF artifacts are benchmarked so far",
                          "pass a .gguf file")
-    from gguf import GGUFReader, LlamaFileType
+    from gguf import LlamaFileType
+
+    from edgesmith.gguf_file import GGUFFormatError, read_header
 
     try:
-        reader = GGUFReader(str(path))
-    except (ValueError, OSError) as exc:
+        reader = read_header(path)
+    except (GGUFFormatError, OSError) as exc:
         raise ModelError(f"{path} is not a readable GGUF file: {exc}",
                          "pass a complete .gguf model") from exc
-    nbytes = {t.name: int(t.n_bytes) for t in reader.tensors}
-    field = reader.fields.get("general.file_type")
+    nbytes = {t.name: t.n_bytes for t in reader.tensors}
+    file_type = reader.field("general.file_type")
     try:
-        quant = LlamaFileType(int(field.parts[field.data[0]][0])).name.removeprefix("MOSTLY_") \
-            if field else "unknown"
+        quant = LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_") \
+            if file_type is not None else "unknown"
     except ValueError:
         quant = "unknown"
     per_token = sum(nbytes.values())
@@ -104,7 +106,7 @@ def artifact_info(path: Path) -> ArtifactInfo:
         per_token -= nbytes["token_embd.weight"]  # untied: only one embedding row is read
     return ArtifactInfo(name=path.name, path=str(path), format="gguf", size_bytes=size,
                         sha256=sha256_file(path), quant=quant,
-                        n_params=sum(int(t.n_elements) for t in reader.tensors),
+                        n_params=sum(t.n_elements for t in reader.tensors),
                         weight_bytes_per_token=per_token)
 
 

@@ -22,6 +22,7 @@ from edgesmith.compress.imatrix import IMatrix
 from edgesmith.context import Artifact, RunContext
 from edgesmith.errors import ToolError, require
 from edgesmith.fsutil import atomic_path
+from edgesmith.gguf_file import read_header
 
 QuantType = Literal["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L",
                     "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K"]
@@ -41,11 +42,8 @@ class GGUFQuantizeConfig(BaseModel):
 
 def tensor_types(path: Path) -> list[dict[str, Any]]:
     """Name, type and shape of every tensor in a GGUF, as llama.cpp will read them."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
-    return [{"name": t.name, "type": t.tensor_type.name, "shape": [int(s) for s in t.shape],
-             "bytes": int(t.n_bytes)} for t in reader.tensors]
+    return [{"name": t.name, "type": t.type, "shape": list(t.shape), "bytes": t.n_bytes}
+            for t in read_header(path).tensors]
 
 
 def _imatrix_array(imx: IMatrix, keep: list[Any]) -> Any:

@@ -85,29 +85,21 @@ def _hf_shape(path: Path) -> Shape:
                  n_params, embd, bool(cfg.get("tie_word_embeddings", False)))
 
 
-def _gguf_field(reader: Any, key: str) -> Any:
-    f = reader.fields.get(key)
-    if f is None:
-        return None
-    v = f.parts[f.data[0]]
-    return v[0] if len(v) == 1 else v
-
-
 def _gguf_shape(path: Path) -> tuple[Shape, float, float]:
     """Shape, total tensor bytes, and bytes of token_embd (a row lookup, not a matmul)."""
-    from gguf import GGUFReader
+    from edgesmith.gguf_file import read_header
 
-    r = GGUFReader(str(path))
-    arch = bytes(r.fields["general.architecture"].parts[-1]).decode()
-    g = lambda k: _gguf_field(r, f"{arch}.{k}")  # noqa: E731
+    r = read_header(path)
+    arch = r.field("general.architecture")
+    g = lambda k: r.field(f"{arch}.{k}")  # noqa: E731
     names = {t.name for t in r.tensors}
     n_embd, n_head = int(g("embedding_length")), int(g("attention.head_count"))
     n_kv = int(g("attention.head_count_kv") or n_head)
     head_dim = int(g("attention.key_length") or n_embd // n_head)
     tok = next(t for t in r.tensors if t.name == "token_embd.weight")
     n_vocab = int(tok.shape[-1])
-    total = float(sum(int(t.n_bytes) for t in r.tensors))
-    n_params = sum(int(t.n_elements) for t in r.tensors)
+    total = float(sum(t.n_bytes for t in r.tensors))
+    n_params = sum(t.n_elements for t in r.tensors)
     shape = Shape(int(g("block_count")), n_embd, n_head, n_kv, head_dim, n_vocab, n_params,
                   int(tok.n_elements), "output.weight" not in names)
     return shape, total, float(tok.n_bytes)
