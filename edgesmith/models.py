@@ -287,8 +287,16 @@ def _gguf_to_hf_dir(gguf_path: Path, dest: Path) -> None:
     config = AutoConfig.from_pretrained(src, **kw)
     # The GGUF-loaded model refuses save_pretrained: copy its weights into a fresh model.
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict(), strict=False)
-    if getattr(config, "tie_word_embeddings", False):
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    res = model.load_state_dict(loaded.state_dict(), strict=False)
+    # every weight must come from the file (a tied output head is the embedding, set below);
+    # a missing one would stay random and the reference model would be wrong with it
+    missing = [k for k in res.missing_keys if not (tied and k == "lm_head.weight")]
+    if missing or res.unexpected_keys:
+        raise ModelError(f"{gguf_path} dequantized incompletely: missing "
+                         f"{missing[:3] or 'none'}, unexpected {res.unexpected_keys[:3] or 'none'}",
+                         "use a GGUF converted by llama.cpp from a supported architecture")
+    if tied:
         model.tie_weights()
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
