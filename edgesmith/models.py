@@ -336,6 +336,7 @@ def _pickle_to_safetensors(ref: ModelRef) -> Path:
     model.save_pretrained(tmp, safe_serialization=True)
     AutoTokenizer.from_pretrained(ref.path).save_pretrained(tmp)
     (tmp / ".complete").write_text(str(ref.path))
+    shutil.rmtree(dest, ignore_errors=True)  # an earlier, unfinished one
     os.replace(tmp, dest)
     return dest
 

@@ -68,6 +68,25 @@ def test_pickle_only_is_refused_unless_opted_in(tiny_llama: Path, copy_model) ->
     assert models.resolve(str(d), allow_pickle=True).allow_pickle
 
 
+def test_opted_in_pickle_is_converted_to_safetensors(tiny_llama: Path, copy_model) -> None:  # type: ignore[no-untyped-def]
+    import torch
+    from safetensors.torch import load_file
+
+    d = copy_model(tiny_llama)
+    weights = load_file(d / "model.safetensors")
+    (d / "model.safetensors").unlink()
+    torch.save(weights, d / "pytorch_model.bin")  # a real pickle checkpoint
+    ref = models.resolve(str(d), allow_pickle=True)
+    hf = models.as_hf_dir(ref)
+    assert hf != d and (hf / "model.safetensors").exists() and (hf / ".complete").exists()
+    assert not list(hf.glob("*.bin"))
+    again = load_file(hf / "model.safetensors")
+    for name, t in weights.items():
+        if name in again:  # the tied output head is saved once
+            assert torch.equal(again[name], t), name
+    assert models.as_hf_dir(ref) == hf  # converted once, then taken from the cache
+
+
 def test_not_a_gguf(tmp_path: Path) -> None:
     f = tmp_path / "model.gguf"
     f.write_bytes(b"NOPE" + b"\0" * 100)
