@@ -10,6 +10,7 @@ tensor-name tables.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,16 @@ def compute(model: Any, tokenizer: Any, calib: CalibrationConfig, progress: Any 
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
-    hooks = []
+    collectors: dict[Any, Any] = {}  # Linear module -> its collecting function
+
+    def collector(key: str) -> Any:
+        def collect(_m: Any, inputs: tuple[Any, ...]) -> None:
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+            sq = (x * x).sum(0)
+            sums[key] = sums[key] + sq if key in sums else sq
+            counts[key] = counts.get(key, 0) + x.shape[0]
+        return collect
+
     for mod_name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear):
             continue
@@ -82,14 +92,13 @@ def compute(model: Any, tokenizer: Any, calib: CalibrationConfig, progress: Any 
             if base is None:
                 continue
             gguf_name = base + ".weight"
-
-        def hook(_m: Any, inputs: tuple[Any, ...], key: str = gguf_name) -> None:
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-            sq = (x * x).sum(0)
-            sums[key] = sums[key] + sq if key in sums else sq
-            counts[key] = counts.get(key, 0) + x.shape[0]
-
-        hooks.append(module.register_forward_pre_hook(hook))
+        collectors[module] = collector(gguf_name)
+    # The output head's input is the decoder's last hidden state: run the decoder alone and
+    # hand that to the head's collector, so the largest matmul (hidden x vocabulary for every
+    # token) and its logits, which play no part in the statistic, are never computed.
+    head = model.get_output_embeddings()
+    decoder = model.get_decoder() if head in collectors else None
+    hooks = [m.register_forward_pre_hook(fn) for m, fn in collectors.items() if m is not head]
     ids = tokenizer(calib.text(), add_special_tokens=False)["input_ids"]
     n_chunks = min(calib.samples, len(ids) // calib.seq_len)
     if n_chunks < 1:
@@ -97,11 +106,18 @@ def compute(model: Any, tokenizer: Any, calib: CalibrationConfig, progress: Any 
                          f"{calib.seq_len}", "use a longer calibration text or a smaller seq_len")
     task = progress.add_task("importance matrix (calibration)", total=n_chunks) if progress \
         else None
+    # bf16 where the CPU multiplies it natively (2.5x faster on 135M, AMX): the statistic
+    # weights rounding errors, and bf16 activations move it by well under a percent
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16, enabled=native_bf16())
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), bf16:
             for i in range(n_chunks):
-                chunk = ids[i * calib.seq_len : (i + 1) * calib.seq_len]
-                model(torch.tensor([chunk]), use_cache=False)
+                chunk = torch.tensor([ids[i * calib.seq_len : (i + 1) * calib.seq_len]])
+                if decoder is not None:
+                    hidden = decoder(input_ids=chunk, use_cache=False).last_hidden_state
+                    collectors[head](head, (hidden,))
+                else:
+                    model(chunk, use_cache=False)
                 if progress is not None:
                     progress.advance(task)
     finally:
@@ -111,8 +127,23 @@ def compute(model: Any, tokenizer: Any, calib: CalibrationConfig, progress: Any 
     return IMatrix(data, n_chunks * calib.seq_len, n_chunks)
 
 
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (x86 AMX or AVX512-BF16, Arm BF16); the
+    environment variable EDGESMITH_IMATRIX_FP32=1 turns bf16 off."""
+    if os.environ.get("EDGESMITH_IMATRIX_FP32") == "1":
+        return False
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines()
+                  if ln.startswith(("flags", "Features"))), [])
+    return bool({"amx_bf16", "avx512_bf16", "bf16"} & set(flags))
+
+
 def cache_key(calib: CalibrationConfig) -> str:
-    return sha256_text(f"{calib.samples}:{calib.seq_len}:{sha256_text(calib.text())}")[:16]
+    dtype = "bf16" if native_bf16() else "fp32"
+    return sha256_text(f"{calib.samples}:{calib.seq_len}:{sha256_text(calib.text())}:{dtype}")[:16]
 
 
 def save(imx: IMatrix, path: Path) -> None:

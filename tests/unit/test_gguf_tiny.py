@@ -95,3 +95,33 @@ def test_qwen2_imatrix_uses_gguf_tensor_names(tiny_qwen2: Path) -> None:
         "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
     assert set(imx.data) == expected | {"token_embd.weight"}
     assert imx.data["blk.1.ffn_down.weight"].shape == (768,)
+
+
+@pytest.mark.parametrize("fp32", [True, False])
+def test_imatrix_matches_a_full_forward(tiny_llama: Path, fp32: bool,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The head's entry comes from the decoder's output without computing the logits: it
+    must equal what the head sees in a full forward pass, as must every other entry."""
+    import torch
+
+    monkeypatch.setenv("EDGESMITH_IMATRIX_FP32", "1" if fp32 else "0")
+    model, tok = load_hf(tiny_llama)
+    calib = imatrix.CalibrationConfig(samples=2, seq_len=64)
+    imx = imatrix.compute(model, tok, calib)
+    seen: dict[str, list[torch.Tensor]] = {"token_embd.weight": [], "blk.1.ffn_down.weight": []}
+    mods = {"token_embd.weight": model.lm_head,
+            "blk.1.ffn_down.weight": model.model.layers[1].mlp.down_proj}
+    hooks = [m.register_forward_pre_hook(
+        lambda _m, i, k=k: seen[k].append(i[0].reshape(-1, i[0].shape[-1])))
+        for k, m in mods.items()]
+    ids = tok(calib.text(), add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        for i in range(2):
+            model(torch.tensor([ids[i * 64 : (i + 1) * 64]]), use_cache=False)
+    for h in hooks:
+        h.remove()
+    for key, xs in seen.items():
+        x = torch.cat(xs)
+        want = ((x * x).sum(0) / x.shape[0]).numpy()
+        rel = np.abs(imx.data[key] - want).max() / np.abs(want).max()
+        assert rel < (1e-5 if fp32 else 2e-2), (key, rel)  # bf16 activations: within 2%
