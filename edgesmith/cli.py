@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgesmith import __version__
-from edgesmith.errors import EdgesmithError, RecipeError
+from edgesmith.errors import EdgesmithError, QualityGateError, RecipeError
 
 app = typer.Typer(
     name="edgesmith",
@@ -84,8 +84,13 @@ def compress(
     rec = recipe.load(recipe_path) if recipe_path else recipe.for_target(target)
     opts = pipeline.Options(out_dir=output, force=force, threads=threads,
                             allow_pickle=allow_pickle, command=["edgesmith", *sys.argv[1:]])
-    with make_progress() as progress:
-        man = pipeline.compress(model, rec, opts, progress)
+    try:
+        with make_progress() as progress:
+            man = pipeline.compress(model, rec, opts, progress)
+    except QualityGateError as exc:  # the manifest (marked failed) was written: show it too
+        if exc.manifest is not None:
+            _emit(exc.manifest, as_json)
+        raise
     if not _emit(man, as_json):
         a = man["artifacts"][0]
         q = a["quality"]

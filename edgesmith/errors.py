@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class EdgesmithError(Exception):
     """A problem with the user's input or environment, with a hint on how to fix it."""
@@ -38,7 +40,9 @@ class DependencyError(EdgesmithError):
 
 
 class QualityGateError(EdgesmithError):
-    """An artifact missed a quality gate of its recipe."""
+    """An artifact missed a quality gate of its recipe (``manifest``: the one written)."""
+
+    manifest: dict[str, Any] | None = None
 
 
 class ResultsError(EdgesmithError):

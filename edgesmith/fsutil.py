@@ -83,6 +83,14 @@ def write_json_atomic(dest: Path, data: Any, force: bool = True) -> None:
     write_text_atomic(dest, json.dumps(data, indent=2, sort_keys=False) + "\n", force)
 
 
+def copy_atomic(src: Path, dest: Path) -> None:
+    """Copy ``src`` to ``dest`` through a temp file beside ``dest`` and a rename."""
+    import shutil
+
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(src, tmp)
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -26,6 +26,7 @@ from edgesmith.export import EXPORTERS, llamacpp_src
 from edgesmith.fsutil import (
     cache_root,
     check_writable,
+    copy_atomic,
     sha256_file,
     sha256_text,
     write_json_atomic,
@@ -176,6 +177,24 @@ def plain_gguf(spec: str, qtype: str, progress: Any) -> Path:
     return dest
 
 
+def _format_pass_cached(step: Step, src: Artifact, ctx: RunContext, recipe: Recipe,
+                        version: str) -> Artifact:
+    """Run a format-side pass into the cache (its output and metadata kept for a resume)."""
+    uses_imatrix = bool(getattr(step.config, "imatrix", False))
+    key = sha256_text("|".join([src.path.name, step.name, step.config.model_dump_json(),
+                                imatrix.cache_key(recipe.model.calibration) if uses_imatrix
+                                else "", version]))[:16]
+    qtype = getattr(step.config, "type", step.name)
+    dest = ctx.cache_dir / f"{qtype}.{key}.gguf"
+    meta_file = dest.with_name(dest.name + ".json")
+    if dest.exists() and meta_file.exists():
+        return Artifact(dest, src.format, {**json.loads(meta_file.read_text()), "cached": True})
+    ctx.extras["dest"] = dest
+    out = PASSES[step.name](step.config).run(src, ctx)
+    write_json_atomic(meta_file, out.meta)
+    return out
+
+
 def compress(spec: str, recipe: Recipe, opts: Options, progress: Any) -> dict[str, Any]:
     """Run ``recipe`` on model ``spec``; returns the manifest (also written to out_dir)."""
     t = Timings()
@@ -206,30 +225,31 @@ def compress(spec: str, recipe: Recipe, opts: Options, progress: Any) -> dict[st
     artifact: Artifact | None = None
     baseline: Artifact | None = None
     version = llamacpp_src.installed_version()
-    format_steps = [s for s in recipe.steps if s.kind == "format"]
+    # Every step writes into the cache, keyed by what made it; the artifact is copied into
+    # out/ only after it was verified, so a run killed at any point leaves out/ as it was and
+    # resumes from the last finished step.
     for step in recipe.steps:
         if step.kind == "export":
             exporter = EXPORTERS[step.name](step.config)
             outtype = step.config.outtype.upper()
             cached = cache / _converted_name(ref, hf_dir, outtype, version)
-            dest = cached if format_steps else outs["artifact"]
             with t.stage("convert"):
-                if dest == cached and cached.exists():
+                if cached.exists():
                     artifact = Artifact(cached, "gguf", {"type": outtype, "cached": True})
                 else:
-                    artifact = exporter.export(hf_dir, ctx, dest)
+                    artifact = exporter.export(hf_dir, ctx, cached)
             baseline = artifact
         elif step.kind == "format":
             assert artifact is not None
-            last = step is format_steps[-1]
-            ctx.extras["dest"] = outs["artifact"] if last else None
             with t.stage("quantize"):
-                artifact = PASSES[step.name](step.config).run(artifact, ctx)
+                artifact = _format_pass_cached(step, artifact, ctx, recipe, version)
     assert artifact is not None and baseline is not None
     with t.stage("verify"):
         q_base = _quality_cached(baseline.path, reference, cache, ctx,
                                  f"{baseline.meta.get('type')} baseline")
-        q = _quality_cached(artifact.path, reference, cache, ctx, artifact.path.name)
+        q = _quality_cached(artifact.path, reference, cache, ctx, outs["artifact"].name)
+    with t.stage("publish"):
+        copy_atomic(artifact.path, outs["artifact"])
     size = artifact.path.stat().st_size
     failures = check_gates(recipe, q, size)
     man = manifest.new(opts.command)
@@ -247,7 +267,7 @@ def compress(spec: str, recipe: Recipe, opts: Options, progress: Any) -> dict[st
                      "convert_peak_rss_bytes": baseline.meta.get("peak_rss_bytes"),
                      "convert_peak_anon_bytes": baseline.meta.get("peak_anon_bytes")},
         "artifacts": [{
-            "path": artifact.path.name, "format": "gguf", "type": artifact.meta.get("type"),
+            "path": outs["artifact"].name, "format": "gguf", "type": artifact.meta.get("type"),
             "size_bytes": size, "sha256": sha256_file(artifact.path),
             "imatrix": artifact.meta.get("imatrix", False),
             "quality": q.as_dict(),
@@ -261,8 +281,10 @@ def compress(spec: str, recipe: Recipe, opts: Options, progress: Any) -> dict[st
     write_json_atomic(outs["manifest"], man)
     write_text_atomic(outs["report"], compress_report.render(man))
     if failures:
-        raise QualityGateError(f"{artifact.path.name} missed the quality gate of recipe "
+        exc = QualityGateError(f"{outs['artifact'].name} missed the quality gate of recipe "
                                f"{recipe.name}: {'; '.join(failures)}",
                                "try a higher-precision recipe (e.g. q5km or q8); details in "
                                f"{outs['report']}")
+        exc.manifest = man
+        raise exc
     return man

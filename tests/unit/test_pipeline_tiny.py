@@ -80,16 +80,24 @@ def test_existing_output_needs_force(compressed: Path, tiny_llama: Path) -> None
 
 
 def test_rerun_resumes_from_cache(compressed: Path, tiny_llama: Path) -> None:
-    cache = Path(os.environ["EDGESMITH_CACHE"]) / "runs"
-    f16 = next(cache.glob("*/tiny-llama.*.F16.*.gguf"))
+    from edgesmith.models import resolve
+
+    run_dir = Path(os.environ["EDGESMITH_CACHE"]) / "runs" / resolve(str(tiny_llama)).fingerprint()
+    f16 = next(run_dir.glob("tiny-llama.*.F16.*.gguf"))
     refs = list(f16.parent.glob("ref-*.npy"))
-    stamps = {p: p.stat().st_mtime_ns for p in [f16, *refs]}
+    quantized = list(f16.parent.glob("Q4_K_M.*.gguf"))
+    assert refs and len(quantized) == 1
+    stamps = {p: p.stat().st_mtime_ns for p in [f16, *refs, *quantized]}
     p = run("compress", str(tiny_llama), "--recipe", str(compressed / "r.yaml"), "-o",
             str(compressed / "out"), "--force", "--json")
     assert p.returncode == 0, p.stderr
     man = json.loads(p.stdout)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing recomputed
-    assert man["timings_s"]["convert"] < 1.0
+    assert man["timings_s"]["convert"] < 1.0 and man["timings_s"]["quantize"] < 1.0
+    # what out/ holds is the verified file from the cache
+    art = compressed / "out" / man["artifacts"][0]["path"]
+    assert art.read_bytes() == quantized[0].read_bytes()
+    assert man["artifacts"][0]["sha256"] == sha256_file(art)
 
 
 def test_quality_gate_failure_exits_2(compressed: Path, tiny_llama: Path) -> None:
@@ -102,6 +110,11 @@ def test_quality_gate_failure_exits_2(compressed: Path, tiny_llama: Path) -> Non
     assert "missed the quality gate" in line and "mean KLD" in line and "size" in line
     man = json.loads((out / "manifest.json").read_text())
     assert man["gates"]["passed"] is False and len(man["gates"]["failures"]) == 2
+    # --json still prints the manifest (marked failed) on stdout, and exits 2
+    p = run("compress", str(tiny_llama), "--recipe", str(compressed / "strict.yaml"), "-o",
+            str(out), "--force", "--json")
+    assert p.returncode == 2 and "missed the quality gate" in error_line(p)
+    assert json.loads(p.stdout) == json.loads((out / "manifest.json").read_text())
 
 
 @pytest.mark.parametrize(
@@ -159,20 +172,30 @@ def test_killed_run_leaves_no_partial_output_and_resumes(tiny_llama: Path, tmp_p
     cmd = [sys.executable, "-m", "edgesmith.cli", "compress", str(tiny_llama), "--recipe",
            str(tmp_path / "r.yaml"), "-o", str(out)]
     env = {**os.environ, "EDGESMITH_CACHE": str(cache)}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if list(cache.glob("runs/*/*.F16.*.gguf")):
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "compress finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+
+    def kill_when(pattern: str) -> None:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if list(cache.glob(pattern)):
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "compress finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        # out/ is untouched: the artifact is copied there only once it is verified
+        assert not out.exists() or list(out.iterdir()) == []
+
+    kill_when("runs/*/*.F16.*.gguf")  # during the reference / imatrix / quantization
     f16 = next(cache.glob("runs/*/*.F16.*.gguf"))
-    stamp = f16.stat().st_mtime_ns
-    # no visible partial artifact: the quantized file appears only by an atomic rename
-    assert not (out / "tiny-llama.Q4_K_M.gguf").exists() and not (out / "manifest.json").exists()
+    kill_when("runs/*/Q4_K_M.*.gguf.json")  # quantized, now in the quality check
+    quantized = next(cache.glob("runs/*/Q4_K_M.*.gguf"))
+    stamps = {f16: f16.stat().st_mtime_ns, quantized: quantized.stat().st_mtime_ns}
     p = subprocess.run([*cmd, "--json"], env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
-    assert f16.stat().st_mtime_ns == stamp  # the F16 GGUF was not recomputed
-    assert json.loads(p.stdout)["timings_s"]["convert"] < 1.0
+    # neither the F16 GGUF nor the quantized one was recomputed
+    assert {f: f.stat().st_mtime_ns for f in stamps} == stamps
+    timings = json.loads(p.stdout)["timings_s"]
+    assert timings["convert"] < 1.0 and timings["quantize"] < 1.0
+    assert (out / "tiny-llama.Q4_K_M.gguf").read_bytes() == quantized.read_bytes()
