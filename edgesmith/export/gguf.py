@@ -20,7 +20,7 @@ import psutil
 from pydantic import BaseModel, ConfigDict
 
 from edgesmith.context import Artifact, RunContext
-from edgesmith.errors import ToolError
+from edgesmith.errors import OutputError, ToolError
 from edgesmith.export import llamacpp_src
 from edgesmith.fsutil import atomic_path
 
@@ -76,6 +76,9 @@ def convert(hf_dir: Path, dest: Path, outtype: str, ctx: RunContext) -> dict[str
         rc = proc.wait()
         sampler.join()
         if rc != 0:
+            if any("No space left on device" in ln for ln in lines):
+                raise OutputError(f"disk full while writing {dest}",
+                                  "free space on that disk or choose another -o")
             msg = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln),
                        lines[-1] if lines else "no output")
             raise ToolError(f"llama.cpp's converter failed on {hf_dir}: {msg.strip()}",

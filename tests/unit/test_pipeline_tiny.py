@@ -137,6 +137,76 @@ def test_bad_input_one_line_exit_2(args: list[str], message: str) -> None:
     assert message in error_line(p)
 
 
+def _bad_model(kind: str, tiny: Path, tmp: Path) -> Path:
+    """A damaged copy of the tiny model (or of the packaged GGUF), one per kind of bad input."""
+    import shutil
+
+    from edgesmith.models import builtin_path
+
+    if kind.endswith("gguf"):
+        data = builtin_path("smollm2-135m").read_bytes()
+        f = tmp / "model.gguf"
+        f.write_bytes(b"GGUF" + b"\xff" * 60 if kind == "corrupt gguf" else data[:5_000_000])
+        return f
+    d = tmp / "model"
+    shutil.copytree(tiny, d)
+    st = d / "model.safetensors"
+    if kind == "no config.json":
+        (d / "config.json").unlink()
+    elif kind == "unsupported architecture":
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["architectures"] = ["WhisperForConditionalGeneration"]
+        (d / "config.json").write_text(json.dumps(cfg))
+    elif kind == "truncated safetensors":
+        st.write_bytes(st.read_bytes()[:100_000])
+    elif kind == "corrupt safetensors":
+        st.write_bytes(b"\xff" * 64)
+    elif kind == "pickle only":
+        st.rename(d / "pytorch_model.bin")
+    return d
+
+
+@pytest.mark.parametrize(("kind", "message"), [
+    ("no config.json", "no config.json"),
+    ("unsupported architecture", "unsupported architecture 'WhisperForConditionalGeneration'"),
+    ("truncated safetensors", "corrupt safetensors"),
+    ("corrupt safetensors", "corrupt safetensors"),
+    ("pickle only", "--allow-pickle"),
+    ("corrupt gguf", "GGUF"),
+    ("truncated gguf", "corrupt or truncated GGUF"),
+])
+def test_bad_model_one_line_exit_2(kind: str, message: str, tiny_llama: Path,
+                                   tmp_path: Path) -> None:
+    bad = _bad_model(kind, tiny_llama, tmp_path)
+    p = run("compress", str(bad), "--target", "raspberry-pi-5", "-o", str(tmp_path / "out"))
+    assert p.returncode == 2, p.stderr
+    assert message in error_line(p)
+    assert not (tmp_path / "out").exists()
+
+
+def test_invalid_recipe_one_line_exit_2(tiny_llama: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(RECIPE.format(max_kld=1, max_size=1).replace("Q4_K_M", "Q4_K_X"))
+    p = run("compress", str(tiny_llama), "--recipe", str(bad), "-o", str(tmp_path / "out"))
+    assert p.returncode == 2
+    line = error_line(p)
+    assert f"{bad}:7" in line and "Q4_K_M" in line  # file:line and the allowed values
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_disk_full_one_line_exit_2(tiny_llama: Path, tmp_path: Path) -> None:
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], check=True)
+    try:
+        p = run("export", str(tiny_llama), "--format", "gguf", "-o", str(mnt))
+        assert p.returncode == 2, p.stderr
+        assert "disk full" in error_line(p)
+        assert os.listdir(mnt) == []  # no half-written GGUF
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
 def test_debug_shows_traceback() -> None:
     p = run("--debug", "targets", "show", "pi-9")
     assert p.returncode != 0 and "Traceback" in p.stderr
