@@ -164,6 +164,28 @@ def test_remote_bench_through_server(server: str, model: Path, tmp_path: Path,
     assert p.returncode == 2 and "HTTP 401" in p.stderr
 
 
+def test_bench_endpoint_refuses_bad_requests(server: str) -> None:
+    import urllib.error
+    import urllib.request
+
+    def post(body: bytes, key: str = "s3cret-key") -> tuple[int, dict[str, object]]:
+        req = urllib.request.Request(server + "/v1/edgesmith/bench", data=body, method="POST",
+                                     headers={"Authorization": f"Bearer {key}",
+                                              "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    for body, field in [(b'{"repeat": 0}', "repeat"), (b'{"gen_tokens": "many"}', "gen_tokens"),
+                        (b'{"unknown": 1}', "unknown")]:
+        status, out = post(body)
+        assert status == 400 and out["error"]["message"].startswith(field), out
+    status, out = post(b"{}", key="wrong")
+    assert status == 401 and out["error"]["type"] == "authentication_error"
+
+
 # --- the report in a real browser -------------------------------------------------------------
 
 def _png_pixels(path: Path) -> tuple[int, bytes]:
@@ -235,9 +257,15 @@ def test_report_renders_in_chromium(local_result: Path, tmp_path: Path, model: P
     from edgesmith.bench import results
 
     base = results.read(local_result)
-    pi = base.model_copy(update={"device": "pi-5 <b>"})
-    other = base.model_copy(update={"artifact": base.artifact.model_copy(
-        update={"name": "variant.Q8_0.gguf", "quant": "Q8_0", "size_bytes": 150_000_000})})
+    quality = results.Quality(reference="builtin:smollm2-135m", tokens_scored=2048, ppl=12.0,
+                              ppl_ref=11.5, ppl_increase_pct=4.3, kld_mean=0.05, kld_p99=0.4,
+                              top1_agreement=0.88)
+    base = base.model_copy(update={"quality": quality})
+    pi = base.model_copy(update={"device": "pi-5 <b>", "quality": None})
+    other = base.model_copy(update={
+        "artifact": base.artifact.model_copy(
+            update={"name": "variant.Q8_0.gguf", "quant": "Q8_0", "size_bytes": 150_000_000}),
+        "quality": quality.model_copy(update={"kld_mean": 0.004, "ppl_increase_pct": 0.3})})
     files = []
     for i, r in enumerate((base, pi, other)):
         results.write(r, tmp_path / f"r{i}.json")
@@ -248,7 +276,9 @@ def test_report_renders_in_chromium(local_result: Path, tmp_path: Path, model: P
     html = page.read_text()
     offline = html.replace('xmlns="http://www.w3.org/2000/svg"', "")
     assert "http://" not in offline and "https://" not in offline  # nothing fetched
-    assert html.count("<svg") >= 2 and "pi-5 &lt;b&gt;" in html
+    # size vs speed, size vs quality (the two results with quality), speed per device
+    assert html.count("<svg") == 3 and "pi-5 &lt;b&gt;" in html
+    assert "Size vs quality" in html and "Size vs decode speed" in html
     log = _chromium(page, tmp_path / "shot.png", tmp_path)
     assert _console_errors(log) == []
     bpp, px = _png_pixels(tmp_path / "shot.png")
