@@ -155,7 +155,7 @@ def overload(port: int, clients: int, per_client: int, timeout_s: float) -> dict
                 conn.close()
             except TimeoutError:
                 status, kind = 0, "hung"
-            except OSError:
+            except (OSError, http.client.HTTPException):  # refused, reset, cut short
                 status, kind = 0, "error"
             with lock:
                 outcomes[kind if kind in ("200", "503", "hung") else "error"] += 1
@@ -225,6 +225,9 @@ def main() -> None:
               f"{s_ttft - d_ttft:+13.1f} ms |")
         print(f"| prompt + generated tokens    | {n_prompt:11d} + {direct[0][2]:9d} | "
               f"{n_prompt:5d} + {served[0][2]:7d} | {'same':>16} |")
+        print(f"targets: decode >= 0.95x: {'met' if s_tps / d_tps >= 0.95 else 'MISSED'}; "
+              f"added time to first token < 15 ms: "
+              f"{'met' if s_ttft - d_ttft < 15 else 'MISSED'}")
         print(f"decode tokens/s per run: direct {[round(r[1], 1) for r in direct]}, "
               f"server {[round(r[1], 1) for r in served]}")
 
