@@ -195,11 +195,13 @@ def main() -> None:
 
     from llama_cpp import Llama
 
+    from edgesmith.bench.runners.llama_cpp import CONTEXT_DEFAULTS
+
     model = smollm2_gguf()
     print(f"model: {model.name} ({model.stat().st_size / 1e6:.0f} MB), threads {args.threads}, "
           f"{args.gen} tokens per run, {args.runs} runs per side, greedy", flush=True)
     llm = Llama(model_path=str(model), n_ctx=1024, n_threads=args.threads,
-                n_threads_batch=args.threads, verbose=False)
+                n_threads_batch=args.threads, verbose=False, **CONTEXT_DEFAULTS)
     proc, port = start_server(model, args.threads, queue=8, cap=args.gen)
     try:
         direct, served = [], []

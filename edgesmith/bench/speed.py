@@ -9,6 +9,7 @@ server runs the same ``measure`` on its already-loaded model (``reload_each_repe
 
 from __future__ import annotations
 
+import gc
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -110,6 +111,18 @@ def artifact_info(path: Path) -> ArtifactInfo:
                         weight_bytes_per_token=per_token)
 
 
+def _without_gc(fn: Callable[..., GenerationResult], *args: Any) -> GenerationResult:
+    """Run ``fn`` with Python's cyclic garbage collector paused: a collection landing inside
+    the timed token loop would be timed as the runtime's (llama-bench has no such pause)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return fn(*args)
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def measure(open_session: Callable[[], Session], spec: SpeedSpec, *, reload_each_repeat: bool,
             progress: Any = None, label: str = "bench") -> Metrics:
     """Warm up, then time ``spec.repeat`` runs; each metric over the measured runs."""
@@ -125,7 +138,7 @@ def measure(open_session: Callable[[], Session], spec: SpeedSpec, *, reload_each
                     session.close()
                 session = open_session()
             prompt = prompt or prompt_ids(session, spec.prompt_tokens)
-            gen = session.generate(prompt, spec.gen_tokens)
+            gen = _without_gc(session.generate, prompt, spec.gen_tokens)
             check_interrupt()
             if i >= spec.warmup:
                 runs.append((session.load_s, gen, peak_rss_mb()))

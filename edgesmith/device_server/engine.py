@@ -144,7 +144,7 @@ class Engine:
 
     def __init__(self, model_path: Path, *, n_ctx: int, threads: int, queue_size: int,
                  metrics: Metrics) -> None:
-        from edgesmith.bench.runners.llama_cpp import require_llama_cpp
+        from edgesmith.bench.runners.llama_cpp import CONTEXT_DEFAULTS, require_llama_cpp
 
         require_llama_cpp("server")
         from llama_cpp import Llama, llama_vocab_is_eog
@@ -154,7 +154,7 @@ class Engine:
         t0 = time.perf_counter()
         try:
             self.llm = Llama(model_path=str(self.model_path), n_ctx=n_ctx, n_threads=threads,
-                             n_threads_batch=threads, verbose=False)
+                             n_threads_batch=threads, verbose=False, **CONTEXT_DEFAULTS)
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"llama.cpp cannot load {self.model_path}: {exc}",
                              "check that the file is a complete GGUF of a supported model"
@@ -252,6 +252,11 @@ class Engine:
     def _generate(self, job: Job) -> Finished:
         llm, p = self.llm, job.params
         llm.set_seed(p.seed if p.seed is not None else random.getrandbits(31))
+        if p.seed is not None:
+            # a seeded request is evaluated from an empty cache: reusing a cached prompt
+            # prefix evaluates the rest in other batch shapes, and with flash attention those
+            # give slightly different logits, which can change what a seed samples
+            llm.reset()
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         stops = StopBuffer(p.stop)
         t0 = time.perf_counter()

@@ -167,6 +167,8 @@ def test_models_and_health(server: Server, client: Any) -> None:
 def test_chat_completion(client: Any, model: Path) -> None:
     from llama_cpp import Llama
 
+    from edgesmith.bench.runners.llama_cpp import CONTEXT_DEFAULTS
+
     msgs = [{"role": "system", "content": "You are a helpful assistant."},
             {"role": "user", "content": "What is the capital of France?"}]
     r = client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=24,
@@ -177,8 +179,10 @@ def test_chat_completion(client: Any, model: Path) -> None:
     assert 0 < r.usage.completion_tokens <= 24 and r.usage.prompt_tokens > 10
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     # the same answer as llama-cpp-python's own chat formatting of the GGUF's template, in
-    # process: the sandboxed template and the tokenization match (greedy, same threads)
-    llm = Llama(model_path=str(model), n_ctx=CTX, n_threads=THREADS, verbose=False)
+    # process: the sandboxed template and the tokenization match (greedy, same threads and
+    # context settings)
+    llm = Llama(model_path=str(model), n_ctx=CTX, n_threads=THREADS, verbose=False,
+                **CONTEXT_DEFAULTS)
     try:
         own = llm.create_chat_completion(msgs, temperature=0, max_tokens=24)
     finally:
