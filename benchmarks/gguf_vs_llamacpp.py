@@ -76,6 +76,10 @@ def main() -> None:
                       "--outfile", str(f16), "--outtype", "f16"])
     qw, _, _ = measure([str(bindir / "llama-quantize"), str(f16), str(work / "lc.Q4_K_M.gguf"),
                      "Q4_K_M", t])
+    # the converter's fixed cost: interpreter, torch, tokenizer (a vocabulary-only run)
+    _, vocab_peak, vocab_anon = measure([sys.executable, str(src / "convert_hf_to_gguf.py"),
+                                         str(hf_dir), "--outfile", str(work / "vocab.gguf"),
+                                         "--vocab-only"])
     rows["llama.cpp convert + quantize"] = {"wall": cw + qw, "peak": cm, "anon": ca,
                                             "path": str(work / "lc.Q4_K_M.gguf")}
     # B. llama.cpp with imatrix, same calibration text and amount
@@ -142,6 +146,10 @@ def main() -> None:
     print(f"- conversion peak RSS / F16 size: edgesmith {ep['peak'] / f16_size:.2f}x, "
           f"llama.cpp {a['peak'] / f16_size:.2f}x (target <= 1.5x); anonymous (not file-backed)"
           f" memory: edgesmith {ep['anon'] / f16_size:.2f}x, llama.cpp {a['anon'] / f16_size:.2f}x")
+    print(f"- of that, the converter's fixed cost (a --vocab-only run: Python, torch, the "
+          f"tokenizer) is {vocab_peak / 1e6:.0f} MB RSS ({vocab_anon / 1e6:.0f} anon) = "
+          f"{vocab_peak / f16_size:.2f}x F16; the tensors add "
+          f"{(ep['peak'] - vocab_peak) / f16_size:.2f}x F16 on top")
     print(f"- KLD, edgesmith pi-5 recipe / llama.cpp plain Q4_K_M = {ei['kld'] / a['kld']:.2f}x "
           f"at size ratio {ei['size'] / a['size']:.3f}x (target: < 1 at <= 1)")
     print(f"- KLD, edgesmith pi-5 recipe / llama.cpp imatrix Q4_K_M = {ei['kld'] / b['kld']:.2f}x")
