@@ -36,7 +36,8 @@ def _summary(r: BenchResult) -> Table:
 
 
 def bench(
-    artifact: Path = typer.Argument(..., help="The artifact to benchmark (.gguf)."),
+    artifact_spec: str = typer.Argument(..., metavar="ARTIFACT",
+                                        help="The artifact to benchmark (.gguf, or builtin:NAME)."),
     threads: int = typer.Option(None, "--threads", "-t",
                                 help="Runtime threads (default: physical cores)."),
     prompt_tokens: int = typer.Option(128, "--prompt-tokens", help="Prompt length (prefill)."),
@@ -76,6 +77,11 @@ def bench(
 
     if output is not None:
         check_writable(output, force)
+    artifact = Path(artifact_spec)
+    if artifact_spec.startswith("builtin:"):  # a packaged model's file, by name
+        from edgesmith.models import resolve
+
+        artifact = Path(resolve(artifact_spec).path)
     if quality and not reference:
         raise EdgesmithError("--quality needs a reference model",
                              "add --reference MODEL (the uncompressed model, e.g. builtin:NAME)")

@@ -39,7 +39,9 @@ def model() -> Path:
 @pytest.fixture(scope="module")
 def local_result(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bench") / "local.json"
-    p = cli("bench", str(model), *SMALL, "--device", "laptop", "-o", str(out), "--json")
+    # by its builtin name: bench resolves it to the packaged GGUF
+    p = cli("bench", "builtin:smollm2-135m", *SMALL, "--device", "laptop", "-o", str(out),
+            "--json")
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout) == json.loads(out.read_text())
     return out
@@ -56,6 +58,7 @@ def test_local_bench_figures_are_plausible(local_result: Path, model: Path) -> N
     assert roof["bound_decode_tps"] > m["decode_tps"]["max"]
     assert 0 < roof["fraction"] < 1
     assert r["artifact"]["size_bytes"] == model.stat().st_size
+    assert r["artifact"]["path"] == str(model)
     assert m["peak_rss_mb"]["median"] > model.stat().st_size / 1e6 * 0.5
     assert r["environment"]["mem_bandwidth_gbs"] > 0.1 and r["environment"]["threads"] == 1
 
