@@ -194,10 +194,15 @@ def targets_fit(
                  ("compute buffers", mb(rep.compute_bytes)), ("runtime", mb(rep.runtime_bytes)),
                  ("total", mb(rep.total_bytes)), ("usable RAM", mb(rep.usable_ram_bytes)),
                  ("fits", "yes" if rep.fits else "NO"), ("headroom", mb(rep.headroom_bytes)),
-                 ("max ctx that fits", f"{rep.max_ctx_that_fits:,}"),
+                 ("max ctx that fits in RAM", f"{rep.max_ctx_that_fits:,}"),
+                 ("model's trained context", f"{rep.model_ctx_limit:,}"
+                  if rep.model_ctx_limit else "unknown"),
                  ("decode tok/s upper bound", f"{rep.decode_tps_upper_bound:.1f}")]:
         table.add_row(k, v)
     out.print(table)
+    if rep.ctx_beyond_model:
+        err.print(f"[yellow]warning:[/] --ctx {ctx:,} is longer than the {rep.model_ctx_limit:,} "
+                  "tokens the model was trained for; its output degrades beyond that")
 
 
 @recipes_app.command("list")

@@ -3,7 +3,9 @@
 Decode is memory-bound on these devices: every generated token reads all the weights used in
 the forward pass and the KV cache once, so memory bandwidth / bytes read per token is an upper
 bound on decode tokens/s (the roofline). Estimates follow llama.cpp's memory layout: f16 KV
-cache, a compute buffer sized for one micro-batch of 512 tokens, and non-flash attention.
+cache and a compute buffer sized for one micro-batch of 512 tokens without flash attention (an
+upper bound: edgesmith's contexts use flash attention, which needs less). The context is also
+held against the model's trained context length, beyond which its output degrades.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Shape:
     n_params: int
     embd_params: int
     tied: bool
+    n_ctx_train: int | None  # the model's trained context length, where known
 
 
 @dataclass
@@ -54,7 +57,9 @@ class FitReport:
     usable_ram_bytes: float
     fits: bool
     headroom_bytes: float
-    max_ctx_that_fits: int
+    max_ctx_that_fits: int  # by memory alone
+    model_ctx_limit: int | None  # the model's trained context length
+    ctx_beyond_model: bool  # ctx is longer than the model was trained for
     bytes_read_per_token: float
     decode_tps_upper_bound: float
 
@@ -82,7 +87,8 @@ def _hf_shape(path: Path) -> Shape:
     return Shape(cfg["num_hidden_layers"], cfg["hidden_size"], n_head,
                  cfg.get("num_key_value_heads", n_head),
                  cfg.get("head_dim") or cfg["hidden_size"] // n_head, cfg["vocab_size"],
-                 n_params, embd, bool(cfg.get("tie_word_embeddings", False)))
+                 n_params, embd, bool(cfg.get("tie_word_embeddings", False)),
+                 cfg.get("max_position_embeddings"))
 
 
 def _gguf_shape(path: Path) -> tuple[Shape, float, float]:
@@ -101,7 +107,8 @@ def _gguf_shape(path: Path) -> tuple[Shape, float, float]:
     total = float(sum(t.n_bytes for t in r.tensors))
     n_params = sum(t.n_elements for t in r.tensors)
     shape = Shape(int(g("block_count")), n_embd, n_head, n_kv, head_dim, n_vocab, n_params,
-                  int(tok.n_elements), "output.weight" not in names)
+                  int(tok.n_elements), "output.weight" not in names,
+                  int(g("context_length")) if g("context_length") else None)
     return shape, total, float(tok.n_bytes)
 
 
@@ -132,6 +139,8 @@ def estimate(ref: ModelRef, target: Target, ctx: int, quant: str | None = None) 
         kv_cache_bytes=float(kv), compute_bytes=float(compute(ctx)),
         runtime_bytes=RUNTIME_BASE_BYTES, total_bytes=total, usable_ram_bytes=usable,
         fits=total <= usable, headroom_bytes=usable - total, max_ctx_that_fits=max_ctx,
+        model_ctx_limit=shape.n_ctx_train,
+        ctx_beyond_model=shape.n_ctx_train is not None and ctx > shape.n_ctx_train,
         bytes_read_per_token=bytes_per_token,
         decode_tps_upper_bound=target.memory_bandwidth_gbs * 1e9 / bytes_per_token,
     )

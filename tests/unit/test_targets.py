@@ -41,6 +41,8 @@ def test_fit_kv_cache_and_roofline(tiny_llama: Path) -> None:
     huge = fit.estimate(ref, profile.load("raspberry-pi-4"), ctx=r.max_ctx_that_fits * 2,
                         quant="Q8_0")
     assert not huge.fits
+    # the tiny model was built with 2048 positions: a longer context is flagged
+    assert r.model_ctx_limit == 2048 and not r.ctx_beyond_model and huge.ctx_beyond_model
 
 
 def test_fit_gguf_is_measured_from_tensors() -> None:
@@ -49,3 +51,4 @@ def test_fit_gguf_is_measured_from_tensors() -> None:
     size = ref.path.stat().st_size
     assert 0.9 * size < r.weights_bytes < size
     assert r.kv_cache_bytes == 2 * 30 * 3 * 64 * 2 * 2048
+    assert r.model_ctx_limit == 8192 and not r.ctx_beyond_model  # llama.context_length
