@@ -91,11 +91,19 @@ def copy_atomic(src: Path, dest: Path) -> None:
         shutil.copyfile(src, tmp)
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+def sha256_file(path: Path, chunk: int = 1 << 22, progress: Any = None,
+                label: str | None = None) -> str:
+    """sha256 of a file; with a rich ``progress``, a bar over its megabytes (big models take
+    seconds to hash)."""
     h = hashlib.sha256()
+    task = progress.add_task(f"sha256 {label or Path(path).name} (MB)",
+                             total=round(Path(path).stat().st_size / 1e6)) \
+        if progress is not None else None
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+            if task is not None:
+                progress.advance(task, len(block) / 1e6)
     return h.hexdigest()
 
 

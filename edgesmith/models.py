@@ -276,8 +276,14 @@ def _gguf_to_hf_dir(gguf_path: Path, dest: Path) -> None:
     tmp.mkdir(parents=True)
     kw = {"gguf_file": gguf_path.name}
     src = str(gguf_path.parent)
+    from unittest import mock
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kw)
+        # its tqdm bar would print through our rich progress display (which shows this step)
+        with mock.patch.object(gguf_utils, "tqdm", lambda items, **_: items):
+            loaded = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kw)
         tok = AutoTokenizer.from_pretrained(src, **kw)
     except Exception as exc:
         raise ModelError(

@@ -77,15 +77,15 @@ def output_paths(ref: models.ModelRef, recipe: Recipe, out_dir: Path) -> dict[st
     }
 
 
-def input_hash(ref: models.ModelRef, cache: Path) -> str:
+def input_hash(ref: models.ModelRef, cache: Path, progress: Any = None) -> str:
     """sha256 of the input model's weights (cached by the cheap fingerprint)."""
     marker = cache / "input.sha256"
     if marker.exists():
         return marker.read_text().strip()
     files = [ref.path] if ref.kind == "gguf" else sorted(ref.path.glob("*.safetensors")) or \
         sorted(p for p in ref.path.iterdir() if p.suffix in models.PICKLE_SUFFIXES)
-    digest = sha256_file(files[0]) if len(files) == 1 else \
-        "multi:" + ",".join(f"{f.name}={sha256_file(f)}" for f in files)
+    digest = sha256_file(files[0], progress=progress) if len(files) == 1 else \
+        "multi:" + ",".join(f"{f.name}={sha256_file(f, progress=progress)}" for f in files)
     write_text_atomic(marker, digest)
     return digest
 
@@ -145,7 +145,9 @@ def _imatrix(hf_dir: Path, recipe: Recipe, cache: Path, ctx: RunContext) -> imat
     path = cache / f"imatrix-{hf_dir.name}-{imatrix.cache_key(calib)}.npz"
     if path.exists():
         return imatrix.load(path)
+    task = ctx.task("load the model for calibration (transformers, fp32)", total=None)
     model, tok = models.load_hf(hf_dir)
+    ctx.progress.update(task, total=1, completed=1)
     imx = imatrix.compute(model, tok, calib, ctx.progress)
     imatrix.save(imx, path)
     return imx
@@ -213,7 +215,7 @@ def compress(spec: str, recipe: Recipe, opts: Options, progress: Any) -> dict[st
         ctx.threads = opts.threads
     with t.stage("load"):
         source_hf = models.as_hf_dir(ref, progress)
-        sha = input_hash(ref, cache)
+        sha = input_hash(ref, cache, progress)
     with t.stage("torch_passes"):
         hf_dir = _torch_passes(source_hf, recipe.steps, ctx, cache)
     with t.stage("reference"):
@@ -268,7 +270,8 @@ def compress(spec: str, recipe: Recipe, opts: Options, progress: Any) -> dict[st
                      "convert_peak_anon_bytes": baseline.meta.get("peak_anon_bytes")},
         "artifacts": [{
             "path": outs["artifact"].name, "format": "gguf", "type": artifact.meta.get("type"),
-            "size_bytes": size, "sha256": sha256_file(artifact.path),
+            "size_bytes": size,
+            "sha256": sha256_file(artifact.path, progress=progress, label=outs["artifact"].name),
             "imatrix": artifact.meta.get("imatrix", False),
             "quality": q.as_dict(),
             "tensors": artifact.meta.get("tensors", []),

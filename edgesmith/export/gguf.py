@@ -43,7 +43,7 @@ def _count_tensors(hf_dir: Path) -> int:
 
 def convert(hf_dir: Path, dest: Path, outtype: str, ctx: RunContext) -> dict[str, float]:
     """Run the converter into ``dest`` atomically. Returns the converter's peak memory."""
-    script = llamacpp_src.convert_script()
+    script = llamacpp_src.convert_script(ctx.progress)
     total = _count_tensors(hf_dir)
     task = ctx.task(f"convert to {outtype.upper()} GGUF (llama.cpp converter)", total=total)
     with atomic_path(dest) as tmp:

@@ -19,6 +19,7 @@ import tarfile
 import tempfile
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from edgesmith.errors import DependencyError, ToolError
 from edgesmith.fsutil import cache_root
@@ -53,13 +54,15 @@ def _fetch_sdist(version: str, dest_dir: Path) -> Path:
     return found[0]
 
 
-def source_dir() -> Path:
+def source_dir(progress: Any = None) -> Path:
     """vendor/llama.cpp of the installed llama-cpp-python's sdist, extracted in the cache."""
     version = installed_version()
     root = cache_root() / "llama.cpp" / version
     src = root / "llama.cpp"
     if (src / "convert_hf_to_gguf.py").exists() and (root / ".complete").exists():
         return src
+    task = progress.add_task(f"llama.cpp {version} sources (sdist, once)", total=None) \
+        if progress is not None else None  # first run only: pip download + extraction
     root.mkdir(parents=True, exist_ok=True)
     sdist = _fetch_sdist(version, root / "sdist")
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".extract-"))
@@ -75,11 +78,13 @@ def source_dir() -> Path:
         (root / ".complete").write_text(str(sdist))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if task is not None:
+        progress.update(task, total=1, completed=1)
     return src
 
 
-def convert_script() -> Path:
-    return source_dir() / "convert_hf_to_gguf.py"
+def convert_script(progress: Any = None) -> Path:
+    return source_dir(progress) / "convert_hf_to_gguf.py"
 
 
 def cpu_cmake_args() -> list[str]:

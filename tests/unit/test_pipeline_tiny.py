@@ -94,6 +94,10 @@ def test_rerun_resumes_from_cache(compressed: Path, tiny_llama: Path) -> None:
     man = json.loads(p.stdout)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing recomputed
     assert man["timings_s"]["convert"] < 1.0 and man["timings_s"]["quantize"] < 1.0
+    # progress bars on stderr (stdout holds the JSON): hashing the output is still done, the
+    # cached steps (conversion, quantization, quality) show no bar: they did not run
+    assert "sha256 tiny-llama.Q4_K_M.gguf" in p.stderr, p.stderr
+    assert "quality:" not in p.stderr and "convert to" not in p.stderr, p.stderr
     # what out/ holds is the verified file from the cache
     art = compressed / "out" / man["artifacts"][0]["path"]
     assert art.read_bytes() == quantized[0].read_bytes()
