@@ -134,7 +134,9 @@ def export(
         hf_dir = models.as_hf_dir(ref, progress)
         art = EXPORTERS[fmt](config).export(hf_dir, ctx, dest)
     result = {"path": str(art.path), "format": fmt, "type": outtype.upper(),
-              "size_bytes": art.path.stat().st_size, "sha256": sha256_file(art.path)}
+              "size_bytes": art.path.stat().st_size, "sha256": sha256_file(art.path),
+              "converter_peak_rss_bytes": art.meta.get("peak_rss_bytes"),
+              "converter_peak_anon_bytes": art.meta.get("peak_anon_bytes")}
     if not _emit(result, as_json):
         err.print(f"[green]wrote[/] {art.path} ({result['size_bytes'] / 1e6:.1f} MB)")
 
