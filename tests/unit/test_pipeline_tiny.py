@@ -230,6 +230,8 @@ def test_export_writes_f16_and_refuses_overwrite(tiny_llama: Path, tmp_path: Pat
     res = json.loads(p.stdout)
     assert Path(res["path"]).name == "tiny-llama.F16.gguf"
     assert res["sha256"] == sha256_file(Path(res["path"]))
+    # the converter's peak memory, sampled while it ran
+    assert res["converter_peak_rss_bytes"] >= res["converter_peak_anon_bytes"] > 0
     p = run("export", str(tiny_llama), "-o", str(tmp_path))
     assert p.returncode == 2 and "already exists" in error_line(p)
 
