@@ -212,7 +212,8 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> Flask:
     @app.post("/v1/completions")
     def completions() -> Response:
         req = openai_api.parse(openai_api.CompletionRequest, body())
-        job = submit(engine.tokenize(req.prompt, special=True), req)
+        job = submit(req.prompt_tokens(lambda t: engine.tokenize(t, special=True),
+                                       engine.n_vocab), req)
         rid = openai_api.new_id("cmpl")
         if not req.stream:
             text, done = result(job)

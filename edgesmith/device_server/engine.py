@@ -161,6 +161,7 @@ class Engine:
                              ) from exc
         self.load_s = time.perf_counter() - t0
         self.n_ctx = self.llm.n_ctx()
+        self.n_vocab = self.llm.n_vocab()
         self._is_eog = lambda tok: bool(llama_vocab_is_eog(self.llm._model.vocab, tok))
         ids = (self.llm.token_bos(), self.llm.token_eos())
         self.template = templates.from_metadata(

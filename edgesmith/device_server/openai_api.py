@@ -70,8 +70,26 @@ class _Sampling(_Strict):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str = Field(max_length=1_000_000)
+    # OpenAI's forms: a string, a list of one string, or token ids (one prompt per request)
+    prompt: str | list[int] | list[str] = Field(max_length=1_000_000)
     echo: Literal[False] = False
+
+    def prompt_tokens(self, tokenize: Any, n_vocab: int) -> list[int]:
+        p = self.prompt
+        if isinstance(p, str):
+            return list(tokenize(p))
+        if not p:
+            raise ApiError(400, "prompt: must not be empty", param="prompt")
+        if isinstance(p[0], str):
+            if len(p) != 1:
+                raise ApiError(400, "prompt: one prompt per request (n > 1 and batches are not "
+                                    "supported)", param="prompt")
+            return list(tokenize(p[0]))
+        bad = next((t for t in p if not 0 <= t < n_vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"prompt: token id {bad} is outside the vocabulary "
+                                f"(0-{n_vocab - 1})", param="prompt")
+        return list(p)  # type: ignore[arg-type]
 
 
 class GenerateRequest(_Sampling):

@@ -218,6 +218,26 @@ def test_completion(client: Any) -> None:
     assert r.choices[0].text == " 6, 7" and r.choices[0].finish_reason == "stop"
 
 
+def test_completion_prompt_forms(client: Any, server: Server, model: Path) -> None:
+    """OpenAI's prompt forms: a list of one string and token ids give the string's answer."""
+    from llama_cpp import Llama
+
+    def text(prompt: Any) -> str:
+        return client.completions.create(model="smollm2", prompt=prompt, max_tokens=6,
+                                         temperature=0).choices[0].text
+
+    plain = text("1, 2, 3, 4, 5,")
+    assert text(["1, 2, 3, 4, 5,"]) == plain
+    vocab = Llama(model_path=str(model), vocab_only=True, verbose=False)
+    ids = vocab.tokenize(b"1, 2, 3, 4, 5,", add_bos=True, special=True)
+    assert text(ids) == plain
+    for prompt, message in [(["a", "b"], "one prompt per request"),
+                            ([1, 10**9], "outside the vocabulary"), ([], "must not be empty")]:
+        status, _, out = http_request(server, "POST", "/v1/completions",
+                                      {"prompt": prompt, "max_tokens": 2})
+        assert status == 400 and message in out["error"]["message"], out
+
+
 def test_chat_streaming_arrives_token_by_token(client: Any) -> None:
     msgs = [{"role": "user", "content": "Write a short poem about the sea."}]
     whole = client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=32,

@@ -71,7 +71,18 @@ def test_wrong_types_and_values_are_400_naming_the_field(body: dict[str, Any],
 
 
 def test_completion_and_generate_validation() -> None:
-    assert bad(api.CompletionRequest, {"prompt": ["a", "b"]}).param == "prompt"
+    def tokens(prompt: Any) -> list[int]:
+        req = api.parse(api.CompletionRequest, {"prompt": prompt})
+        return req.prompt_tokens(lambda text: [ord(c) for c in text], n_vocab=1000)
+
+    assert tokens("ab") == tokens(["ab"]) == [97, 98] and tokens([5, 999]) == [5, 999]
+    for prompt, message in [(["a", "b"], "one prompt"), ([1000], "outside the vocabulary"),
+                            ([-1], "outside"), ([], "empty")]:
+        with pytest.raises(ApiError, match=message) as info:
+            tokens(prompt)
+        assert info.value.status == 400 and info.value.param == "prompt"
+    assert bad(api.CompletionRequest, {"prompt": [1, "a"]}).param.startswith("prompt")
+    assert bad(api.CompletionRequest, {"prompt": 5}).param.startswith("prompt")
     assert bad(api.CompletionRequest, {"prompt": "x", "echo": True}).param == "echo"
     assert bad(api.GenerateRequest, {"prompt": "x", "stream": True}).param == "stream"
     assert bad(api.GenerateRequest, {"text": "x"}).param == "prompt"
