@@ -84,6 +84,23 @@ def _rows(results: list[BenchResult]) -> list[Row]:
     return sorted((Row(r) for r in results), key=lambda x: (x.device, x.size_mb))
 
 
+def _bar_labels(rows: list[Row]) -> list[str]:
+    """One bar label per row: the artifact's name, told apart by its threads (or a number)
+    where one device has several results of the same artifact, so no bar hides another."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault((r.variant, r.device), []).append(i)
+    labels = [r.variant for r in rows]
+    for idx in groups.values():
+        if len(idx) < 2:
+            continue
+        threads = [rows[i].r.settings.threads for i in idx]
+        distinct = len(set(threads)) == len(threads)
+        for n, i in enumerate(idx, 1):
+            labels[i] += f" ({threads[n - 1]} threads)" if distinct else f" #{n}"
+    return labels
+
+
 def _charts(rows: list[Row], front: set[int]) -> list[str]:
     speed_pts = [charts.Point(r.size_mb, r.decode, r.device, r.r.artifact.quant) for r in rows]
     fronts: dict[str, list[charts.Point]] = {}
@@ -102,9 +119,11 @@ def _charts(rows: list[Row], front: set[int]) -> list[str]:
         out.append(charts.scatter(q_pts, "Size vs quality", "artifact size (MB)",
                                   "KL divergence to reference (lower is better)", q_front))
     devices = list(dict.fromkeys(r.device for r in rows))
-    variants = list(dict.fromkeys(r.variant for r in rows))
-    vals = {(r.variant, r.device): (r.decode, r.r.metrics.decode_tps.min,
-                                    r.r.metrics.decode_tps.max) for r in rows}
+    labels = _bar_labels(rows)
+    variants = list(dict.fromkeys(labels))
+    vals = {(label, r.device): (r.decode, r.r.metrics.decode_tps.min,
+                                r.r.metrics.decode_tps.max) for label, r in zip(labels, rows,
+                                                                                  strict=True)}
     out.append(charts.bars(variants, devices, vals, "Decode tokens/s per device and artifact",
                            "decode tokens/s (min-max whiskers)"))
     return out
