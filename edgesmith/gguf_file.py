@@ -91,9 +91,17 @@ class _Cursor:
 def read_header(path: Path) -> GGUFHeader:
     """The metadata and tensor table of the GGUF at ``path``; GGUFFormatError if it is not a
     complete GGUF (bad magic, a truncated header, tensor data past the end of the file)."""
+    try:
+        return _read_header(Path(path))
+    except GGUFFormatError:
+        raise
+    except (struct.error, KeyError, ValueError, OverflowError, MemoryError) as exc:
+        raise GGUFFormatError(f"corrupt header: {type(exc).__name__}: {exc}") from exc
+
+
+def _read_header(path: Path) -> GGUFHeader:
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    path = Path(path)
     size = path.stat().st_size
     if size < 24:
         raise GGUFFormatError(f"{size} bytes is too short for a GGUF header")

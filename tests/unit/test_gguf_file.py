@@ -56,3 +56,19 @@ def test_bad_magic_and_version(tmp_path: Path) -> None:
     bad.write_bytes(b"GGUF" + (7).to_bytes(4, "little") + b"\0" * 60)
     with pytest.raises(GGUFFormatError, match="version 7"):
         read_header(bad)
+
+
+def test_random_damage_is_always_a_format_error(tmp_path: Path) -> None:
+    """Bytes flipped anywhere in the header give GGUFFormatError or a header, never a crash."""
+    import random
+
+    data = bytearray(builtin_path("smollm2-135m").read_bytes()[:2_000_000])
+    rng = random.Random(0)
+    bad = tmp_path / "damaged.gguf"
+    for _ in range(200):
+        damaged = bytearray(data)
+        for _ in range(rng.randint(1, 8)):
+            damaged[rng.randrange(8, 4096)] = rng.randrange(256)
+        bad.write_bytes(damaged)
+        with pytest.raises(GGUFFormatError):  # truncated at 2 MB: never a complete GGUF
+            read_header(bad)
