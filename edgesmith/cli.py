@@ -222,21 +222,25 @@ def recipes_list(as_json: bool = typer.Option(False, "--json")) -> None:
 
 
 @recipes_app.command("show")
-def recipes_show(name: str) -> None:
+def recipes_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
     """Print a shipped recipe's YAML. Example: edgesmith recipes show raspberry-pi-5-q4km"""
     from edgesmith import recipe
 
-    sys.stdout.write(recipe.load(name).text)
+    r = recipe.load(name)
+    if not _emit(r.model.model_dump(mode="json"), as_json):
+        sys.stdout.write(r.text)
 
 
 @recipes_app.command("validate")
-def recipes_validate(file: Path) -> None:
+def recipes_validate(file: Path, as_json: bool = typer.Option(False, "--json")) -> None:
     """Validate a recipe file. Example: edgesmith recipes validate my-recipe.yaml"""
     from edgesmith import recipe
 
     r = recipe.load(str(file))
-    err.print(f"[green]ok[/] {file}: recipe {r.name} for {r.model.target}, "
-              f"{len(r.steps)} steps")
+    if not _emit({"valid": True, "file": str(file), **r.model.model_dump(mode="json")},
+                 as_json):
+        err.print(f"[green]ok[/] {file}: recipe {r.name} for {r.model.target}, "
+                  f"{len(r.steps)} steps")
 
 
 def _register_subcommands() -> None:

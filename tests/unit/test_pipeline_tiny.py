@@ -188,6 +188,18 @@ def test_bad_model_one_line_exit_2(kind: str, message: str, tiny_llama: Path,
     assert not (tmp_path / "out").exists()
 
 
+def test_recipes_json(tmp_path: Path) -> None:
+    good = tmp_path / "r.yaml"
+    good.write_text(RECIPE.format(max_kld=0.1, max_size=50))
+    p = run("recipes", "validate", str(good), "--json")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["valid"] is True and out["name"] == "tiny-q4km" and out["gates"]["max_kld"] == 0.1
+    assert out["steps"][1] == {"gguf_quantize": {"type": "Q4_K_M", "imatrix": True}}
+    p = run("recipes", "show", "raspberry-pi-5-q8", "--json")
+    assert p.returncode == 0 and json.loads(p.stdout)["target"] == "raspberry-pi-5"
+
+
 def test_invalid_recipe_one_line_exit_2(tiny_llama: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(RECIPE.format(max_kld=1, max_size=1).replace("Q4_K_M", "Q4_K_X"))
