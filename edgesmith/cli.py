@@ -254,6 +254,20 @@ def _register_subcommands() -> None:
 _register_subcommands()
 
 
+def _disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is a full disk, however the library reports it."""
+    import errno
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(seen) or "StorageFull" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def main() -> None:
     """Entry point: one-line errors (exit 2) unless --debug."""
     from edgesmith import interrupts
@@ -283,6 +297,11 @@ def main() -> None:
             sys.exit(130)
         if debug:
             raise
+        if _disk_full(exc):  # raised by a library writing into the cache (torch, safetensors)
+            where = getattr(exc, "filename", None) or "the cache or the output directory"
+            err.print(f"error: disk full while writing {where} (fix: free space there, or set "
+                      "EDGESMITH_CACHE to a disk with room)", markup=False, soft_wrap=True)
+            sys.exit(2)
         err.print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the "
                   "traceback)", markup=False, soft_wrap=True)
         sys.exit(1)

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,30 +249,36 @@ def is_causal_lm(ref: ModelRef) -> bool:
 def as_hf_dir(ref: ModelRef, progress: Any = None) -> Path:
     """An HF safetensors directory for this model; a GGUF is dequantized once into the cache."""
     if ref.kind == "hf":
-        if not any(ref.path.glob("*.safetensors")):
+        if any(ref.path.glob("*.safetensors")):
+            return ref.path
+        try:
             return _pickle_to_safetensors(ref)
-        return ref.path
+        except BaseException:
+            shutil.rmtree(_partial(_safetensors_copy_dir(ref)), ignore_errors=True)
+            raise
     dest = cache_root() / "hf" / ref.fingerprint()
     if (dest / ".complete").exists():
         return dest
     task = None
     if progress is not None:
         task = progress.add_task(f"dequantize {ref.path.name} (transformers)", total=None)
-    _gguf_to_hf_dir(ref.path, dest)
+    try:
+        _gguf_to_hf_dir(ref.path, dest)
+    except BaseException:  # a full disk, Ctrl-C...: leave no half-written directory behind
+        shutil.rmtree(_partial(dest), ignore_errors=True)
+        raise
     if progress is not None:
         progress.update(task, completed=1, total=1)
     return dest
 
 
 def _gguf_to_hf_dir(gguf_path: Path, dest: Path) -> None:
-    import shutil
-
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    tmp = dest.with_name(dest.name + ".partial")
+    tmp = _partial(dest)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     kw = {"gguf_file": gguf_path.name}
@@ -324,18 +331,25 @@ def _restore_pre_tokenizer(gguf_path: Path, tokenizer_json: Path) -> None:
         tokenizer_json.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
 
 
+def _partial(dest: Path) -> Path:
+    """Where a cache directory is written before it is renamed into place."""
+    return dest.with_name(dest.name + ".partial")
+
+
+def _safetensors_copy_dir(ref: ModelRef) -> Path:
+    return cache_root() / "hf" / f"{ref.name}-{ref.fingerprint()}-st"
+
+
 def _pickle_to_safetensors(ref: ModelRef) -> Path:
     """Opted-in pickle checkpoint: load once with torch and re-save as safetensors in the cache."""
-    import shutil
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     assert ref.allow_pickle
-    dest = cache_root() / "hf" / f"{ref.name}-{ref.fingerprint()}-st"
+    dest = _safetensors_copy_dir(ref)
     if (dest / ".complete").exists():
         return dest
-    tmp = dest.with_name(dest.name + ".partial")
+    tmp = _partial(dest)
     shutil.rmtree(tmp, ignore_errors=True)
     model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch.float32,
                                                  use_safetensors=False)

@@ -188,6 +188,25 @@ def test_bad_model_one_line_exit_2(kind: str, message: str, tiny_llama: Path,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_full_cache_disk_one_line_exit_2(tmp_path: Path) -> None:
+    """The dequantized model is written by transformers/safetensors into the cache: a full disk
+    there is one line and exit 2 too, and no half-written directory is left."""
+    mnt = tmp_path / "cache"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
+    try:
+        p = subprocess.run([sys.executable, "-m", "edgesmith.cli", "compress",
+                            "builtin:smollm2-135m", "--target", "raspberry-pi-5", "-o",
+                            str(tmp_path / "out")], capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "EDGESMITH_CACHE": str(mnt), "COLUMNS": "200"})
+        assert p.returncode == 2, p.stderr
+        assert "disk full" in error_line(p) and "EDGESMITH_CACHE" in error_line(p)
+        assert not list(mnt.glob("hf/*")) and not (tmp_path / "out").exists()
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
 def test_recipes_json(tmp_path: Path) -> None:
     good = tmp_path / "r.yaml"
     good.write_text(RECIPE.format(max_kld=0.1, max_size=50))
