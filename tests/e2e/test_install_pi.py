@@ -137,6 +137,33 @@ def test_dry_run_on_a_fresh_prefix_changes_nothing(tmp_path: Path) -> None:
     assert "nothing was changed" in p.stdout and not prefix.exists()
 
 
+def test_dry_run_without_root_reports_missing_apt_packages() -> None:
+    """--dry-run needs no root: missing apt packages (here a dpkg-query that finds none) are
+    reported as 'would change' instead of failing."""
+    import tempfile
+
+    shim = Path(tempfile.mkdtemp(prefix="es-shim-"))  # reachable by the unprivileged user
+    try:
+        shim.chmod(0o755)
+        (shim / "dpkg-query").write_text("#!/bin/sh\nexit 1\n")
+        (shim / "dpkg-query").chmod(0o755)
+        path = f"{shim}:{os.environ['PATH']}"
+        cmd = ["env", f"PATH={path}", "bash", str(SCRIPT), "--prefix", str(shim / "p"),
+               "--no-systemd", "--dry-run", "--model", str(builtin_path("smollm2-135m"))]
+        if os.geteuid() == 0:  # run it as an unprivileged user
+            cmd = ["runuser", "-u", "nobody", "--", *cmd]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert step_states(p.stdout)["apt"] == "would change", p.stdout
+        assert not (shim / "p").exists()
+        # without --dry-run, a non-root run stops at once, naming the fix
+        p = subprocess.run([c for c in cmd if c != "--dry-run"], capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode != 0 and "run as root or pass --skip-apt" in p.stderr, p.stderr
+    finally:
+        shutil.rmtree(shim, ignore_errors=True)
+
+
 def test_bad_options_fail_in_one_line(tmp_path: Path) -> None:
     notes = tmp_path / "notes.gguf"
     notes.write_text("not a model")

@@ -323,7 +323,8 @@ step_apt() {
             || missing+=("$pkg")
     done
     if ((${#missing[@]} == 0)); then report apt unchanged; return; fi
-    [[ $(id -u) == 0 ]] || die "apt packages missing (${missing[*]}): run as root or pass --skip-apt"
+    ((DRY_RUN)) || [[ $(id -u) == 0 ]] \
+        || die "apt packages missing (${missing[*]}): run as root or pass --skip-apt"
     act apt "installed ${missing[*]}" apt_install "${missing[@]}"
 }
 apt_install() {
