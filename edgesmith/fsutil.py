@@ -29,11 +29,14 @@ def check_writable(dest: Path, force: bool) -> None:
         raise OutputError(f"output {dest} already exists", "pass --force to overwrite it")
 
 
+def disk_full_error(dest: Path) -> OutputError:
+    return OutputError(f"disk full while writing {dest}",
+                       "free space on that disk or choose another -o")
+
+
 def _translate_os_error(exc: OSError, dest: Path) -> OutputError:
     if exc.errno == errno.ENOSPC:
-        return OutputError(
-            f"disk full while writing {dest}", "free space on that disk or choose another -o"
-        )
+        return disk_full_error(dest)
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return OutputError(f"cannot write {dest}: {exc.strerror}", "choose a writable -o")
     return OutputError(f"cannot write {dest}: {exc}", "check the output path")

@@ -20,9 +20,9 @@ import psutil
 from pydantic import BaseModel, ConfigDict
 
 from edgesmith.context import Artifact, RunContext
-from edgesmith.errors import OutputError, ToolError
+from edgesmith.errors import ToolError
 from edgesmith.export import llamacpp_src
-from edgesmith.fsutil import atomic_path
+from edgesmith.fsutil import atomic_path, disk_full_error
 
 _TENSOR_LINE = re.compile(r"INFO:hf-to-gguf:(\S+),\s+torch\.\w+ --> (\w+), shape")
 
@@ -77,8 +77,7 @@ def convert(hf_dir: Path, dest: Path, outtype: str, ctx: RunContext) -> dict[str
         sampler.join()
         if rc != 0:
             if any("No space left on device" in ln for ln in lines):
-                raise OutputError(f"disk full while writing {dest}",
-                                  "free space on that disk or choose another -o")
+                raise disk_full_error(dest)
             msg = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln),
                        lines[-1] if lines else "no output")
             raise ToolError(f"llama.cpp's converter failed on {hf_dir}: {msg.strip()}",
