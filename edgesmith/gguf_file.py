@@ -5,26 +5,38 @@ second on a model with a 49k-token vocabulary; every command that looks at a GGU
 the per-tensor types after quantization, `targets fit`, `bench`) only needs the header. This
 parses it straight from a memory map, following the GGUF specification (versions 2 and 3,
 little-endian), and checks that every tensor's data lies inside the file.
+
+Whatever the bytes, ``read_header`` returns a header or raises GGUFFormatError, with bounded
+work: a declared count is checked against the bytes left before anything is read, and arrays
+nest at most ``MAX_ARRAY_NESTING`` deep. ``check_structure`` (in ``gguf_check``) goes further,
+to what llama.cpp and transformers need before they are handed the file.
 """
 
 from __future__ import annotations
 
 import mmap
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgesmith.errors import ModelError
+
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
+MAX_ARRAY_NESTING = 4  # the spec allows arrays of arrays; llama.cpp reads none, real files nest 0
 # GGUF metadata value types: id -> struct format (8: string, 9: array are handled apart)
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
             10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
+INTEGER_TYPES = frozenset({0, 1, 2, 3, 4, 5, 10, 11})
+UINT32 = 4
+_U64 = struct.Struct("<Q")
 
 
-class GGUFFormatError(ValueError):
-    """The file is not a GGUF, or its header is corrupt or truncated."""
+class GGUFFormatError(ModelError, ValueError):
+    """The file is not a GGUF, or its header is corrupt or truncated (its message does not
+    name the file: callers add it)."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,10 @@ class GGUFHeader:
     tensors: list[TensorInfo]
     data_offset: int
     file_size: int
+    # GGUF value type of each field: (type,) for a scalar or string, (9, element type) for
+    # an array (9 again for an array of arrays)
+    types: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    alignment: int = DEFAULT_ALIGNMENT
 
     def field(self, key: str, default: Any = None) -> Any:
         return self.fields.get(key, default)
@@ -62,40 +78,62 @@ class _Cursor:
         return v
 
     def string(self) -> str:
-        n = self.take("<Q")
-        if self.pos + n > self.size:
+        if self.pos + 8 > self.size:
+            raise GGUFFormatError(f"header truncated at byte {self.pos}")
+        (n,) = _U64.unpack_from(self.buf, self.pos)
+        end = self.pos + 8 + n
+        if end > self.size:
             raise GGUFFormatError(f"string of {n} bytes at byte {self.pos} runs past the end")
-        s = bytes(self.buf[self.pos : self.pos + n]).decode("utf-8", errors="replace")
-        self.pos += n
+        s = self.buf[self.pos + 8 : end].decode("utf-8", errors="replace")
+        self.pos = end
         return s
 
-    def value(self, vtype: int) -> Any:
+    def value(self, vtype: int, depth: int = 0) -> Any:
         if vtype in _SCALARS:
             return self.take(_SCALARS[vtype])
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
-            etype, count = self.take("<I"), self.take("<Q")
-            if etype in _SCALARS:  # numbers: one unpack for the whole array
-                fmt = _SCALARS[etype]
-                n = struct.calcsize(fmt) * count
-                if self.pos + n > self.size:
-                    raise GGUFFormatError(f"array at byte {self.pos} runs past the end")
-                out = list(struct.unpack_from(f"<{count}{fmt[1]}", self.buf, self.pos))
-                self.pos += n
-                return out
-            return [self.value(etype) for _ in range(count)]
+            return self.array(depth)
         raise GGUFFormatError(f"unknown metadata type {vtype} at byte {self.pos}")
+
+    def array(self, depth: int) -> list[Any]:
+        at = self.pos
+        etype, count = self.take("<I"), self.take("<Q")
+        if etype in _SCALARS:  # numbers: one unpack for the whole array
+            fmt = _SCALARS[etype]
+            n = struct.calcsize(fmt) * count
+            if self.pos + n > self.size:
+                raise GGUFFormatError(f"array of {count} items at byte {at} runs past the end")
+            out = list(struct.unpack_from(f"<{count}{fmt[1]}", self.buf, self.pos))
+            self.pos += n
+            return out
+        if etype == _STRING:
+            if self.pos + 8 * count > self.size:  # each string takes 8 bytes at least
+                raise GGUFFormatError(f"array of {count} strings at byte {at} runs past the end")
+            return [self.string() for _ in range(count)]
+        if etype == _ARRAY:
+            if depth + 1 >= MAX_ARRAY_NESTING:
+                raise GGUFFormatError(
+                    f"arrays nested over {MAX_ARRAY_NESTING} deep at byte {at}")
+            if self.pos + 12 * count > self.size:  # each array takes 12 bytes at least
+                raise GGUFFormatError(f"array of {count} arrays at byte {at} runs past the end")
+            return [self.array(depth + 1) for _ in range(count)]
+        raise GGUFFormatError(f"unknown metadata type {etype} in the array at byte {at}")
 
 
 def read_header(path: Path) -> GGUFHeader:
     """The metadata and tensor table of the GGUF at ``path``; GGUFFormatError if it is not a
-    complete GGUF (bad magic, a truncated header, tensor data past the end of the file)."""
+    complete GGUF (bad magic, a truncated header, tensor data past the end of the file); OSError
+    if it cannot be read."""
     try:
         return _read_header(Path(path))
     except GGUFFormatError:
         raise
-    except (struct.error, KeyError, ValueError, OverflowError, MemoryError) as exc:
+    except OSError:
+        raise
+    except (struct.error, KeyError, ValueError, TypeError, IndexError, OverflowError,
+            ZeroDivisionError, MemoryError, RecursionError) as exc:  # a safety net: none known
         raise GGUFFormatError(f"corrupt header: {type(exc).__name__}: {exc}") from exc
 
 
@@ -114,19 +152,37 @@ def _read_header(path: Path) -> GGUFHeader:
         if version not in (2, 3):
             raise GGUFFormatError(f"GGUF version {version} (only 2 and 3, little-endian)")
         n_tensors, n_kv = c.take("<Q"), c.take("<Q")
+        # a key-value pair takes 12 bytes at least, a tensor entry 24 (with no dimensions)
+        if 24 + 12 * n_kv + 24 * n_tensors > size:
+            raise GGUFFormatError(f"{n_kv} metadata items and {n_tensors} tensors cannot fit "
+                                  f"in {size} bytes")
         fields: dict[str, Any] = {}
+        types: dict[str, tuple[int, ...]] = {}
         for _ in range(n_kv):
+            at = c.pos
             key = c.string()
-            fields[key] = c.value(c.take("<I"))
+            if key in fields:
+                raise GGUFFormatError(f"duplicate metadata key {key!r} at byte {at}")
+            vtype = c.take("<I")
+            if vtype == _ARRAY and c.pos + 4 <= size:
+                (etype,) = struct.unpack_from("<I", buf, c.pos)
+                types[key] = (vtype, etype)
+            else:
+                types[key] = (vtype,)
+            fields[key] = c.value(vtype)
         raw = []
+        names: set[str] = set()
         for _ in range(n_tensors):
             name = c.string()
+            if name in names:
+                raise GGUFFormatError(f"duplicate tensor name {name!r}")
+            names.add(name)
             n_dims = c.take("<I")
             if n_dims > 8:
                 raise GGUFFormatError(f"tensor {name} has {n_dims} dimensions")
             shape = tuple(c.take("<Q") for _ in range(n_dims))
             raw.append((name, shape, c.take("<I"), c.take("<Q")))
-    align = int(fields.get("general.alignment", DEFAULT_ALIGNMENT))
+    align = _alignment(fields, types)
     data_offset = -(-c.pos // align) * align
     tensors = []
     for name, shape, tid, rel in raw:
@@ -140,6 +196,53 @@ def _read_header(path: Path) -> GGUFHeader:
             n *= d
         info = TensorInfo(name, qtype.name, shape, n, n // block * type_size, data_offset + rel)
         if info.offset + info.n_bytes > size:
-            raise GGUFFormatError(f"tensor {name} runs past the end of the file")
+            raise GGUFFormatError(f"tensor {name} runs past the end of the file (its data "
+                                  f"ends at byte {info.offset + info.n_bytes}, the file has "
+                                  f"{size})")
         tensors.append(info)
-    return GGUFHeader(version, fields, tensors, data_offset, size)
+    return GGUFHeader(version, fields, tensors, data_offset, size, types, align)
+
+
+def _alignment(fields: dict[str, Any], types: dict[str, tuple[int, ...]]) -> int:
+    """general.alignment: an unsigned 32-bit power of two (the spec's and llama.cpp's rule)."""
+    if "general.alignment" not in fields:
+        return DEFAULT_ALIGNMENT
+    value = fields["general.alignment"]
+    if types["general.alignment"] != (UINT32,):
+        raise GGUFFormatError(f"general.alignment is {_describe(value)}, not an unsigned "
+                              "32-bit integer")
+    if value <= 0 or value & (value - 1):
+        raise GGUFFormatError(f"general.alignment is {value}, not a power of two")
+    return int(value)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, list):
+        return f"an array of {len(value)} items"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_structure(path: Path) -> None:
+    """Refuse a GGUF that llama.cpp or transformers would crash on, loop on or misread.
+
+    Header only (tens of milliseconds on a 100 MB model): the format (what ``read_header``
+    checks), the tensor table as llama.cpp lays it out (known types, rows a whole number of
+    blocks, each tensor at the aligned end of the one before, none past the end of the file,
+    no bytes left over), and the hyperparameters against llama.cpp's limits and the tensors
+    actually present. Raises ModelError with a one-line message naming the file.
+    """
+    from edgesmith.gguf_check import structure_problem
+
+    hint = "re-download the file, or convert the model again (edgesmith export, or llama.cpp's " \
+           "convert_hf_to_gguf.py)"
+    try:
+        header = read_header(path)
+    except GGUFFormatError as exc:
+        raise ModelError(f"corrupt or truncated GGUF file {path}: {exc}", hint) from exc
+    except OSError as exc:
+        raise ModelError(f"cannot read the GGUF file {path}: {exc.strerror or exc}",
+                         "check the path and its permissions") from exc
+    problem = structure_problem(header)
+    if problem:
+        raise ModelError(f"invalid GGUF file {path}: {problem}", hint)
