@@ -1,0 +1,95 @@
+"""edgesmith doctor: header-only answers per target format, and the models it must refuse."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from edgesmith import doctor, recipe
+
+
+def _by_name(rep: doctor.Report) -> dict[str, doctor.Check]:
+    return {f"{c.section}:{c.name}": c for c in rep.checks}
+
+
+def test_smollm2_dir_is_ready_with_the_kquant_fallback_named(smollm2_hf_dir: Path) -> None:
+    rep = doctor.run(str(smollm2_hf_dir), recipe=recipe.load("raspberry-pi-5-q4km"))
+    checks = _by_name(rep)
+    assert not rep.failures, [c.line() for c in rep.failures]
+    assert checks["gguf:converter"].status == "ok" and "'llama'" in checks["gguf:converter"].detail
+    assert checks["gguf:pre-tokenizer"].status == "ok"
+    assert "'smollm'" in checks["gguf:pre-tokenizer"].detail
+    # hidden 576 is not a multiple of 256: named, with llama.cpp's fallback type
+    kq = checks["gguf:k-quant rows"]
+    assert kq.status == "warn" and "576" in kq.detail and "Q4_K->Q5_0" in kq.detail
+    assert "mlp.down_proj" not in kq.detail  # its rows are 1536 = 6 x 256
+    assert checks["gguf:fits RAM"].status == "ok"
+    assert checks["model:chat template"].status == "ok"
+
+
+def test_tiny_llama_rows_of_256_take_kquants(tiny_llama: Path) -> None:
+    rep = doctor.run(str(tiny_llama), target_name="raspberry-pi-4")
+    assert _by_name(rep)["gguf:k-quant rows"].status == "ok"
+    assert not rep.failures
+
+
+def test_unrecognised_bpe_pre_tokenizer_is_refused(tiny_llama: Path, tmp_path: Path) -> None:
+    d = tmp_path / "m"
+    shutil.copytree(tiny_llama, d)
+    tj = json.loads((d / "tokenizer.json").read_text())
+    tj["pre_tokenizer"] = {"type": "Whitespace"}  # a different split: a different hash
+    (d / "tokenizer.json").write_text(json.dumps(tj))
+    rep = doctor.run(str(d), target_name="raspberry-pi-5")
+    fail = _by_name(rep)["gguf:pre-tokenizer"]
+    assert fail.status == "fail" and "does not recognise" in fail.detail
+    with pytest.raises(doctor.ModelError, match="pre-tokenizer"):
+        doctor.preflight(str(d), recipe.for_target("raspberry-pi-5"), ref=_ref(d))
+
+
+def _ref(path: Path):  # type: ignore[no-untyped-def]
+    from edgesmith import models
+
+    return models.resolve(str(path))
+
+
+def test_a_context_that_does_not_fit_fails(tiny_llama: Path) -> None:
+    rep = doctor.run(str(tiny_llama), target_name="raspberry-pi-4", ctx=2_000_000)
+    fit = _by_name(rep)["gguf:fits RAM"]
+    assert fit.status == "fail" and "ctx 2000000" in fit.detail
+
+
+def test_a_format_without_an_exporter_is_named(tiny_llama: Path) -> None:
+    rep = doctor.run(str(tiny_llama), target_name="webgpu-browser")
+    assert [c.section for c in rep.failures] == ["onnx"]
+    assert "no onnx exporter" in rep.failures[0].detail
+
+
+def test_group_size_that_does_not_divide_a_layer_names_it_and_the_sizes_that_work() -> None:
+    linears = [doctor._Linear("model.layers.0.self_attn.q_proj", 576, 576),
+               doctor._Linear("model.layers.0.mlp.down_proj", 1536, 576)]
+    (c,) = doctor._group_sizes(linears, [("gptq", 128)])
+    assert c.status == "fail" and "model.layers.0.self_attn.q_proj has 576 inputs" in c.detail
+    assert c.fix == "use group_size 32 or 64"
+    (ok,) = doctor._group_sizes(linears, [("gptq", 64)])
+    assert ok.status == "ok"
+
+
+def test_recipe_types_and_groups_are_read_from_steps() -> None:
+    steps = [SimpleNamespace(kind="torch", name="gptq", config=SimpleNamespace(group_size=32)),
+             SimpleNamespace(kind="export", name="gguf", config=SimpleNamespace(outtype="f16")),
+             SimpleNamespace(kind="format", name="gguf_quantize",
+                             config=SimpleNamespace(type="Q4_0"))]
+    assert doctor._recipe_types(SimpleNamespace(steps=steps)) == (["Q4_0"], [("gptq", 32)])
+
+
+def test_gguf_input_reads_the_header_only(tmp_path: Path) -> None:
+    rep = doctor.run("builtin:smollm2-135m", target_name="raspberry-pi-5")
+    checks = _by_name(rep)
+    assert checks["model:architecture"].detail.startswith("llama")
+    assert checks["model:chat template"].status == "ok"
+    assert "gguf:converter" not in checks  # already GGUF: nothing to convert
+    assert rep.seconds < 30  # a hang guard, not a speed assertion
