@@ -123,19 +123,26 @@ def group_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, t
     return scale, zero
 
 
-def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                   bits: int) -> torch.Tensor:
+def code_range(bits: int, sym: bool) -> tuple[int, int]:
+    """Smallest and largest code. Symmetric 8-bit stops at 1 (int8 -127, as Q8_0's quantizer:
+    llama.cpp's int8 kernels never see -128)."""
+    return (1 if sym and bits == 8 else 0), (1 << bits) - 1
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                   sym: bool = False) -> torch.Tensor:
     """Codes (float, integral) of ``w`` on the grid ``(scale, zero)``, broadcast over ``w``."""
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
     q = torch.round(w / safe) + zero
     q = torch.where(scale == 0, zero.expand_as(q), q)
-    return q.clamp(0, (1 << bits) - 1)
+    lo, hi = code_range(bits, sym)
+    return q.clamp(lo, hi)
 
 
-def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                  bits: int) -> torch.Tensor:
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                  sym: bool = False) -> torch.Tensor:
     """``w`` rounded onto the grid and dequantized again (fp32)."""
-    return (quantize_codes(w, scale, zero, bits) - zero) * scale
+    return (quantize_codes(w, scale, zero, bits, sym) - zero) * scale
 
 
 def weighted_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -245,7 +252,7 @@ def quantize_rtn(weight: torch.Tensor, spec: QuantSpec, name: str = "weight") ->
     spec.check(name, n_in)
     w = weight.detach().float().reshape(out, n_in // spec.group_size, spec.group_size)
     scale, zero = group_params(w, spec.bits, spec.sym)
-    codes = quantize_codes(w, scale[..., None], zero[..., None], spec.bits)
+    codes = quantize_codes(w, scale[..., None], zero[..., None], spec.bits, spec.sym)
     return QuantizedLinear(codes.reshape(out, n_in).to(torch.uint8), scale,
                            zero.to(torch.uint8), spec.bits, spec.group_size, spec.sym)
 
