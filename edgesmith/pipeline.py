@@ -2,8 +2,11 @@
 
 Everything expensive is cached per input model (the dequantized HF directory of a GGUF input,
 the F16 GGUF, the reference log-probabilities, the importance matrix), and every file is
-written atomically, so a killed run resumes where it stopped. Outputs are checked before any
-work starts: an existing file is never overwritten without --force.
+written atomically, so a killed run resumes where it stopped; stale temp files of killed runs
+are swept from the cache at start. Outputs are checked before any work starts: an existing
+file is never overwritten without --force. The result is published into -o by
+``fsutil.Publication`` (manifest written last, listing every file's sha256), so it appears all
+at once, and a run killed while publishing is finished by the same command without --force.
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ from edgesmith.context import Artifact, RunContext
 from edgesmith.errors import ModelError, QualityGateError
 from edgesmith.export import EXPORTERS, llamacpp_src
 from edgesmith.fsutil import (
+    Publication,
+    atomic_dir,
     cache_root,
-    check_writable,
-    copy_atomic,
+    check_result_writable,
     sha256_file,
     sha256_text,
+    sweep_cache,
     write_json_atomic,
     write_text_atomic,
 )
@@ -135,8 +140,9 @@ def _torch_passes(hf_dir: Path, steps: list[Step], ctx: RunContext, cache: Path)
     model, tok = models.load_hf(hf_dir)
     for s in todo:
         model = PASSES[s.name](s.config).run(model, ctx)
-    model.save_pretrained(dest, safe_serialization=True)
-    tok.save_pretrained(dest)
+    with atomic_dir(dest) as tmp:  # a killed save must not look like a cached model
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
     return dest
 
 
@@ -205,9 +211,10 @@ def compress(spec: str, recipe: Recipe, opts: Options, progress: Any) -> dict[st
         raise ModelError(f"{spec} ({ref.architecture()}) is not a causal language model, so "
                          "compress cannot check its quality", "use `edgesmith export` for it")
     outs = output_paths(ref, recipe, opts.out_dir)
-    for p in outs.values():
-        check_writable(p, opts.force)
+    # an unfinished result in -o (a killed run's: see fsutil.Publication) needs no --force
+    check_result_writable(opts.out_dir, [p.name for p in outs.values()], opts.force)
     llamacpp_src.installed_version()  # fail early, naming the extra, if llama.cpp is missing
+    sweep_cache()  # temp files of killed runs (their owner is gone), never a live run's
     cache = cache_root() / "runs" / ref.fingerprint()
     cache.mkdir(parents=True, exist_ok=True)
     ctx = RunContext(out_dir=opts.out_dir, cache_dir=cache, progress=progress, force=opts.force)
@@ -250,8 +257,6 @@ def compress(spec: str, recipe: Recipe, opts: Options, progress: Any) -> dict[st
         q_base = _quality_cached(baseline.path, reference, cache, ctx,
                                  f"{baseline.meta.get('type')} baseline")
         q = _quality_cached(artifact.path, reference, cache, ctx, outs["artifact"].name)
-    with t.stage("publish"):
-        copy_atomic(artifact.path, outs["artifact"])
     size = artifact.path.stat().st_size
     failures = check_gates(recipe, q, size)
     man = manifest.new(opts.command)
@@ -271,7 +276,7 @@ def compress(spec: str, recipe: Recipe, opts: Options, progress: Any) -> dict[st
         "artifacts": [{
             "path": outs["artifact"].name, "format": "gguf", "type": artifact.meta.get("type"),
             "size_bytes": size,
-            "sha256": sha256_file(artifact.path, progress=progress, label=outs["artifact"].name),
+            "sha256": None,  # of the bytes published, below
             "imatrix": artifact.meta.get("imatrix", False),
             "quality": q.as_dict(),
             "tensors": artifact.meta.get("tensors", []),
@@ -281,8 +286,15 @@ def compress(spec: str, recipe: Recipe, opts: Options, progress: Any) -> dict[st
                   "limits": recipe.model.gates.model_dump()},
         "timings_s": t.seconds,
     })
-    write_json_atomic(outs["manifest"], man)
-    write_text_atomic(outs["report"], compress_report.render(man))
+    # The result appears all at once: the journal and the old manifest's removal first, then
+    # the artifact and the report, the manifest (listing every file's sha256) last.
+    with Publication(opts.out_dir, [outs["artifact"].name, outs["report"].name], opts.force,
+                     manifest=outs["manifest"].name) as pub:
+        with t.stage("publish"):  # t.seconds is the manifest's timings_s
+            man["artifacts"][0]["sha256"] = pub.copy(artifact.path, outs["artifact"].name,
+                                                     progress)
+        pub.write_text(outs["report"].name, compress_report.render(man))
+        pub.commit(man)
     if failures:
         exc = QualityGateError(f"{outs['artifact'].name} missed the quality gate of recipe "
                                f"{recipe.name}: {'; '.join(failures)}",
