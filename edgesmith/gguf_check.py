@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from edgesmith.gguf_file import _ARRAY, _STRING, INTEGER_TYPES, GGUFHeader
+from edgesmith.gguf_file import _ARRAY, _STRING, INTEGER_TYPES, GGUFHeader, TensorInfo
 
 # llama.cpp's limits
 GGML_MAX_DIMS = 4
@@ -54,7 +54,7 @@ def _tensor_table(h: GGUFHeader) -> Problem:
     if not h.tensors:
         return "it holds no tensors"
     expected = 0  # each tensor starts where the one before ends, padded to the alignment
-    prev = None
+    prev: TensorInfo | None = None
     for t in h.tensors:
         if len(t.name) >= GGML_MAX_NAME:
             return f"tensor name {t.name[:70]!r} is {len(t.name)} characters (llama.cpp: " \
@@ -71,9 +71,9 @@ def _tensor_table(h: GGUFHeader) -> Problem:
                    f"multiple of its block size {block}"
         rel = t.offset - h.data_offset
         if rel != expected:
-            return _misplaced(t.name, rel, expected, prev, h.alignment)
+            return _misplaced(t, rel, expected, prev, h.alignment)
         expected += -(-t.n_bytes // h.alignment) * h.alignment
-        prev = t.name
+        prev = t
     end = h.data_offset + expected  # the reader checked that no tensor runs past the file
     if h.file_size > end:
         return f"{h.file_size - end} bytes after the last tensor's data belong to no tensor " \
@@ -81,15 +81,17 @@ def _tensor_table(h: GGUFHeader) -> Problem:
     return None
 
 
-def _misplaced(name: str, rel: int, expected: int, prev: str | None, align: int) -> str:
-    where = f"tensor {name} starts at data offset {rel}, expected {expected}"
+def _misplaced(t: TensorInfo, rel: int, expected: int, prev: TensorInfo | None,
+               align: int) -> str:
+    where = f"tensor {t.name} starts at data offset {rel}"
     if rel % align:
-        return f"{where}: not aligned to {align} bytes"
+        return f"{where}, not aligned to {align} bytes"
     if prev is None:
-        return f"{where}: the first tensor must start the data section"
+        return f"{where}, not 0: the first tensor starts the data section"
+    was = f"{prev.name} ({prev.type}, shape {list(prev.shape)}) ends at {expected}"
     if rel < expected:
-        return f"{where}: it overlaps {prev} (or {prev}'s type or shape was changed)"
-    return f"{where}: a gap after {prev} (or {prev}'s type or shape was changed)"
+        return f"{where} but {was}: they overlap, or {prev.name}'s type or shape was changed"
+    return f"{where} but {was}: a gap, or {prev.name}'s type or shape was changed"
 
 
 # -- metadata llama.cpp cannot read ---------------------------------------------------------

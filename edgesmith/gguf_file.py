@@ -230,8 +230,14 @@ def check_structure(path: Path) -> None:
     checks), the tensor table as llama.cpp lays it out (known types, rows a whole number of
     blocks, each tensor at the aligned end of the one before, none past the end of the file,
     no bytes left over), and the hyperparameters against llama.cpp's limits and the tensors
-    actually present. Raises ModelError with a one-line message naming the file.
+    actually present (edgesmith/gguf_check.py). Raises ModelError with a one-line message
+    naming the file and the problem.
     """
+    validated_header(path)
+
+
+def validated_header(path: Path) -> GGUFHeader:
+    """``read_header`` after ``check_structure``'s checks; ModelError naming the file."""
     from edgesmith.gguf_check import structure_problem
 
     hint = "re-download the file, or convert the model again (edgesmith export, or llama.cpp's " \
@@ -246,3 +252,4 @@ def check_structure(path: Path) -> None:
     problem = structure_problem(header)
     if problem:
         raise ModelError(f"invalid GGUF file {path}: {problem}", hint)
+    return header

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +16,7 @@ import numpy as np
 
 from edgesmith.bench.runners.base import GenerationResult, log_softmax
 from edgesmith.errors import ModelError, require
+from edgesmith.gguf_file import GGUFHeader, validated_header
 from edgesmith.interrupts import check as check_interrupt
 
 _AMX_WARNED = False
@@ -41,23 +46,127 @@ def require_llama_cpp(extra: str) -> Any:
     return llama_cpp
 
 
+_LOG_LOCK = threading.Lock()  # llama.cpp has one log callback per process
+# ggml_log_level of the pinned llama.cpp (ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4,
+# CONT 5; llama-cpp-python's _logger.py still lists an older order)
+_GGML_LOG_WARN, _GGML_LOG_ERROR, _GGML_LOG_CONT = 3, 4, 5
+# follow-up lines that only say that loading stopped ("failed to load model", "failed to read
+# tensor info"): the reason is the error line before them
+_GENERIC = re.compile(r"failed to (load|read|initiali[sz]e)|error loading model: \w+: failed")
+_LOAD_HINT = "check that the file is a complete GGUF of a supported model"
+
+
+@contextmanager
+def llama_log() -> Iterator[list[tuple[int, str]]]:
+    """Capture llama.cpp's warnings and errors (level, text) while the block runs, instead of
+    printing them; llama-cpp-python's own callback is put back afterwards."""
+    import ctypes
+
+    llama_cpp = require_llama_cpp("gguf")
+    from llama_cpp import _logger
+
+    lines: list[tuple[int, str]] = []
+    last = [0]
+
+    @llama_cpp.llama_log_callback
+    def on_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+        if level == _GGML_LOG_CONT:
+            level = last[0]
+        last[0] = level
+        if level in (_GGML_LOG_WARN, _GGML_LOG_ERROR) and len(lines) < 1000:
+            lines.append((level, text.decode("utf-8", errors="replace")))
+
+    with _LOG_LOCK:
+        llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
+        try:
+            yield lines
+        finally:
+            llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+def load_error(lines: list[tuple[int, str]]) -> str | None:
+    """Why llama.cpp refused a file: its first specific error line, else its last one."""
+    errors = [" ".join(t.split()) for lvl, t in lines if lvl == _GGML_LOG_ERROR and t.strip()]
+    specific = [e for e in errors if not _GENERIC.search(e)]
+    if specific:
+        line = specific[0]
+    elif errors:
+        line = errors[-1]
+    else:
+        return None
+    line = line.split("error loading model: ")[-1]
+    return re.sub(r"^\w+: ", "", line)[:300]
+
+
+def check_chat_templates(path: Path, header: GGUFHeader) -> None:
+    """Compile the file's chat templates as llama-cpp-python's ``Llama(...)`` does (it compiles
+    every ``tokenizer.chat_template*`` string while loading, and a syntax error there escapes
+    as TemplateSyntaxError); ModelError naming the file, the key and the problem."""
+    import jinja2
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    for key, value in header.fields.items():
+        if not (key == "tokenizer.chat_template" or key.startswith("tokenizer.chat_template."))\
+                or not isinstance(value, str):
+            continue
+        try:
+            Jinja2ChatFormatter(template=value, eos_token="", bos_token="")
+        except (jinja2.TemplateError, RecursionError, MemoryError) as exc:
+            raise ModelError(f"the chat template {key} of {path} does not compile: "
+                             f"{_template_problem(exc)}",
+                             "fix the template (gguf-py's gguf_new_metadata.py --chat-template) "
+                             "or convert the model again with a working one") from exc
+
+
+def _template_problem(exc: BaseException) -> str:
+    line = getattr(exc, "lineno", None)
+    text = f"{type(exc).__name__}: {getattr(exc, 'message', None) or exc}"
+    return " ".join((text + (f" (line {line})" if line else "")).split())[:300]
+
+
+def open_llama(path: Path, **params: Any) -> Any:
+    """A ``llama_cpp.Llama`` on the GGUF at ``path``, for bench, quality checks and serve
+    (``params``: Llama's own; verbose is off): ``check_gguf`` then ``load_llama``."""
+    check_gguf(path)
+    return load_llama(path, **params)
+
+
+def check_gguf(path: Path) -> None:
+    """What must hold before llama.cpp gets the file: its header (``gguf_file.check_structure``:
+    llama.cpp answers many bad headers with an assert that kills the process without a word)
+    and its chat templates. ModelError naming the file and the problem."""
+    check_chat_templates(path, validated_header(path))
+
+
+def load_llama(path: Path, **params: Any) -> Any:
+    """``llama_cpp.Llama`` on a checked file; when llama.cpp refuses it, the ModelError says
+    why, from llama.cpp's log."""
+    import jinja2
+    from llama_cpp import Llama
+
+    with llama_log() as lines:
+        try:
+            return Llama(model_path=str(path), verbose=False, **params)
+        except (ValueError, RuntimeError) as exc:
+            raise ModelError(f"llama.cpp cannot load {path}: {load_error(lines) or exc}",
+                             _LOAD_HINT) from exc
+        except jinja2.TemplateError as exc:  # check_chat_templates compiles them all first
+            raise ModelError(f"a chat template of {path} does not compile: "
+                             f"{_template_problem(exc)}", _LOAD_HINT) from exc
+
+
 class LlamaCppSession:
     def __init__(self, path: Path, threads: int | None, n_ctx: int, logits_all: bool,
                  n_batch: int = 512) -> None:
         require_llama_cpp("gguf")
-        from llama_cpp import Llama
-
+        check_gguf(path)
         self.path = path
         self.threads = threads or max(1, os.cpu_count() or 1)
         t0 = time.perf_counter()
-        try:
-            self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_batch, n_ctx),
-                             n_ubatch=min(n_batch, n_ctx), n_threads=self.threads,
-                             n_threads_batch=self.threads, logits_all=logits_all,
-                             verbose=False, seed=0, **CONTEXT_DEFAULTS)
-        except (ValueError, RuntimeError) as exc:
-            raise ModelError(f"llama.cpp cannot load {path}: {exc}",
-                             "check that the file is a complete GGUF of a supported model") from exc
+        self.llm = load_llama(path, n_ctx=n_ctx, n_batch=min(n_batch, n_ctx),
+                              n_ubatch=min(n_batch, n_ctx), n_threads=self.threads,
+                              n_threads_batch=self.threads, logits_all=logits_all, seed=0,
+                              **CONTEXT_DEFAULTS)
         check_interrupt()  # Ctrl-C during the load lands in a log callback and is swallowed
         self.load_s = time.perf_counter() - t0
         self.n_vocab = self.llm.n_vocab()
