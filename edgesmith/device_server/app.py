@@ -25,6 +25,7 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
 from edgesmith.device_server import bench_api, openai_api
+from edgesmith.device_server.chat_prompt import ControlTokenText
 from edgesmith.device_server.engine import Engine, Finished, Job, QueueFull
 from edgesmith.device_server.metrics import Metrics
 from edgesmith.device_server.openai_api import ApiError
@@ -163,13 +164,16 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> Flask:
 
     def chat_prompt(req: openai_api.ChatRequest) -> list[int]:
         try:
-            text = engine.template.render([m.as_dict() for m in req.messages])
+            return engine.chat_tokens([m.as_dict() for m in req.messages])
         except TemplateInputError as exc:
             raise ApiError(400, f"the model's chat template rejected the messages: "
                                 f"{exc.message}", param="messages") from None
         except TemplateRenderError as exc:
             raise ApiError(500, exc.message, "server_error") from None
-        return engine.tokenize(text, special=True)
+        except ControlTokenText as exc:
+            where = f"messages.{exc.index}.content"
+            raise ApiError(400, f"{where}: {exc.message}", param=where,
+                           code="control_token_in_content") from None
 
     def stream(job: Job, first: Callable[[], list[bytes]], piece: Callable[[str], bytes],
                last: Callable[[Finished], list[bytes]]) -> Response:
@@ -277,5 +281,5 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> Flask:
     def prometheus() -> Response:
         return Response(metrics.render(), mimetype="text/plain; version=0.0.4")
 
-    bench_api.register(app, engine, config)
+    bench_api.register(app, engine, config, body)
     return app

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from edgesmith.device_server import templates
+from edgesmith.device_server import chat_prompt, templates
 from edgesmith.device_server.metrics import Metrics
 from edgesmith.errors import EdgesmithError, ModelError
 
@@ -69,27 +69,59 @@ class Failed:
     error: BaseException
 
 
+def _failure(stop: str) -> list[int]:
+    """KMP failure table: fail[k] is the longest proper border of stop[:k + 1]."""
+    fail, k = [0] * len(stop), 0
+    for i in range(1, len(stop)):
+        while k and stop[i] != stop[k]:
+            k = fail[k - 1]
+        if stop[i] == stop[k]:
+            k += 1
+        fail[i] = k
+    return fail
+
+
 class StopBuffer:
-    """Holds back text that may be the start of a stop string; cuts at the first stop."""
+    """Holds back text that may be the start of a stop string; cuts at the first stop.
+
+    Incremental: each stop string has a KMP matcher whose state is the length of its longest
+    prefix that the text so far ends with, so each generated character costs amortized O(1)
+    per stop however long the stops are, and only the text that may still begin a stop (at
+    most the longest stop minus one character) is held back. The first stop to complete wins
+    (of two completing at the same character, the one starting first), whatever way the text
+    is split into tokens.
+    """
 
     def __init__(self, stops: tuple[str, ...]) -> None:
-        self.stops = tuple(s for s in stops if s)
+        self.stops = tuple(dict.fromkeys(s for s in stops if s))
+        self._fail = [_failure(s) for s in self.stops]
+        self._state = [0] * len(self.stops)
         self.pending = ""
 
     def push(self, text: str) -> tuple[str, bool]:
         """Returns (text safe to emit, whether a stop string was hit)."""
-        self.pending += text
+        buf = self.pending + text
         if not self.stops:
-            out, self.pending = self.pending, ""
-            return out, False
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[: min(hits)], ""
-            return out, True
-        keep = max((k for s in self.stops for k in range(1, len(s))
-                    if self.pending.endswith(s[:k])), default=0)
-        cut = len(self.pending) - keep
-        out, self.pending = self.pending[:cut], self.pending[cut:]
+            self.pending = ""
+            return buf, False
+        base = len(self.pending)
+        for j, ch in enumerate(text):
+            start = None
+            for k, stop in enumerate(self.stops):
+                state, fail = self._state[k], self._fail[k]
+                while state and stop[state] != ch:
+                    state = fail[state - 1]
+                if stop[state] == ch:
+                    state += 1
+                if state == len(stop):
+                    at = base + j + 1 - len(stop)
+                    start = at if start is None else min(start, at)
+                self._state[k] = state
+            if start is not None:
+                self.pending = ""
+                return buf[:start], True
+        cut = len(buf) - max(self._state)
+        out, self.pending = buf[:cut], buf[cut:]
         return out, False
 
     def flush(self) -> str:
@@ -147,6 +179,7 @@ class Engine:
         from edgesmith.bench.runners.llama_cpp import CONTEXT_DEFAULTS, require_llama_cpp
 
         require_llama_cpp("server")
+        import llama_cpp
         from llama_cpp import Llama, llama_vocab_is_eog
 
         self.model_path = Path(model_path)
@@ -162,7 +195,14 @@ class Engine:
         self.load_s = time.perf_counter() - t0
         self.n_ctx = self.llm.n_ctx()
         self.n_vocab = self.llm.n_vocab()
-        self._is_eog = lambda tok: bool(llama_vocab_is_eog(self.llm._model.vocab, tok))
+        vocab = self.llm._model.vocab
+        self._is_eog = lambda tok: bool(llama_vocab_is_eog(vocab, tok))
+        # the tokens that only special=True parses from text (llama.cpp's tokenizer_st_partition)
+        parsed_special = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+        self._is_control = lambda tok: bool(llama_cpp.llama_vocab_get_attr(vocab, tok)
+                                            & parsed_special)
+        self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
+        self._add_eos = bool(llama_cpp.llama_vocab_get_add_eos(vocab))
         ids = (self.llm.token_bos(), self.llm.token_eos())
         self.template = templates.from_metadata(
             self.llm.metadata,
@@ -182,6 +222,29 @@ class Engine:
         bos = self.llm.token_bos()
         if len(toks) > 1 and toks[0] == toks[1] == bos:  # the template wrote BOS too
             toks = toks[1:]
+        return toks or [bos]
+
+    def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        """The prompt of a chat through the model's template: special tokens are parsed in the
+        template's own text, never in a message's content (chat_prompt.py). Raises the
+        template's errors and ``chat_prompt.ControlTokenText``."""
+        return chat_prompt.prompt_tokens(
+            self.template, messages, self._raw_tokens, self._is_control,
+            whole=lambda text: self.tokenize(text, special=True), finish=self._finish)
+
+    def _raw_tokens(self, text: str, special: bool) -> list[int]:
+        if not text:
+            return []
+        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=special))
+
+    def _finish(self, toks: list[int]) -> list[int]:
+        """What ``tokenize`` adds around a prompt tokenized in pieces: BOS (once, if the
+        template wrote it too), EOS where the vocabulary asks for it."""
+        bos = self.llm.token_bos()
+        if self._add_bos and not (toks and toks[0] == bos):
+            toks = [bos, *toks]
+        if self._add_eos:
+            toks = [*toks, self.llm.token_eos()]
         return toks or [bos]
 
     def submit(self, prompt_tokens: list[int], params: SamplingParams,

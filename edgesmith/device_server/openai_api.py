@@ -1,22 +1,31 @@
 """OpenAI-compatible request validation and response shapes (no Flask here).
 
-Requests are parsed strictly (a string where a number belongs is a 400, not a guess); fields
-of the OpenAI API that do not change the result here (``user``, ``frequency_penalty``...) are
-ignored, and ones we cannot honour (``n`` > 1, ``logprobs``, ``tools``) are refused.
+Every route's body goes through the same two steps: ``parse_json`` (UTF-8, JSON nested at most
+``MAX_JSON_DEPTH`` deep, checked on the bytes before the parser recurses into them) and
+``parse`` (a JSON object, no lone UTF-16 surrogate in any string, then the route's pydantic
+model). Requests are parsed strictly (a string where a number belongs is a 400, not a guess);
+fields of the OpenAI API that do not change the result here (``user``, ``frequency_penalty``...)
+are ignored, and ones we cannot honour (``n`` > 1, ``logprobs``, ``tools``) are refused.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgesmith.device_server.engine import Finished, SamplingParams
 
 M = TypeVar("M", bound=BaseModel)
+
+MAX_JSON_DEPTH = 64  # an OpenAI chat body is about 5 deep; a parser's recursion is not free
+MAX_STOPS = 4  # as OpenAI documents
+MAX_STOP_CHARS = 256  # each stop string; the stop scan keeps MAX_STOP_CHARS - 1 chars back
 
 
 class ApiError(Exception):
@@ -54,13 +63,22 @@ class _Sampling(_Strict):
     n: Literal[1] = 1
     logprobs: Literal[False, None] = None
 
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop sequences")
+        longest = max((len(s) for s in stops), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise ValueError(f"a stop sequence is {longest} characters; at most "
+                             f"{MAX_STOP_CHARS} are allowed")
+        return stop
+
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
-        stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        if len(stops) > 4:
-            raise ApiError(400, "stop: at most 4 stop sequences", param="stop")
-        return stops
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
@@ -126,23 +144,92 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+# A JSON string (its escapes included; an unterminated one runs to the end) and a map that
+# turns the brackets left outside strings into steps: opening +1, closing -1 (byte - 1).
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_STEPS = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")
+
+
+def json_depth(raw: bytes) -> int:
+    """How deep ``raw``'s arrays and objects nest, read from the bytes (strings skipped), in
+    linear time and without recursion: the parser is only handed bodies this says are flat."""
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    if not brackets:
+        return 0
+    steps = np.frombuffer(brackets.translate(_STEPS), dtype=np.uint8).astype(np.int64) - 1
+    return int(np.cumsum(steps).max())
+
+
 def parse_json(raw: bytes) -> Any:
+    """The request body as JSON: UTF-8, nested at most ``MAX_JSON_DEPTH`` deep."""
     try:
-        return json.loads(raw, parse_constant=_no_constant)  # NaN and Infinity are not JSON
-    except (ValueError, UnicodeDecodeError) as exc:
+        text = raw.decode("utf-8-sig")  # a UTF-8 byte order mark is tolerated, as before
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, f"the request body is not valid JSON: it is not UTF-8 ({exc})"
+                       ) from exc
+    depth = json_depth(raw)  # UTF-8: quotes, backslashes and brackets are single bytes
+    if depth > MAX_JSON_DEPTH:
+        raise ApiError(400, f"the request body nests arrays/objects {depth} deep; at most "
+                            f"{MAX_JSON_DEPTH} levels are allowed", code="json_too_deep")
+    try:
+        return json.loads(text, parse_constant=_no_constant)  # NaN and Infinity are not JSON
+    except RecursionError:  # not reached after the depth check; kept as the last guard
+        raise ApiError(400, "the request body nests arrays/objects too deeply",
+                       code="json_too_deep") from None
+    except ValueError as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}") from exc
 
 
+def _not_unicode(text: str) -> bool:
+    """Whether ``text`` holds a lone UTF-16 surrogate (JSON's "\\ud800" escape decodes to
+    one): such a string cannot be encoded, tokenized or written out as UTF-8."""
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def invalid_text_at(value: Any) -> str | None:
+    """The path (``messages.0.content``) of the first string or key in a parsed JSON value
+    that is not valid Unicode, or None. Iterative: the depth is already bounded, this keeps
+    it so."""
+    stack: list[tuple[tuple[str | int, ...], Any]] = [((), value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            if _not_unicode(item):
+                return ".".join(map(str, path)) or "body"
+        elif isinstance(item, dict):
+            for key in item:
+                if _not_unicode(key):
+                    return ".".join(map(str, path)) or "body"
+            stack.extend(((*path, k), v) for k, v in reversed(item.items()))
+        elif isinstance(item, list):
+            stack.extend(((*path, i), v) for i, v in reversed(list(enumerate(item))))
+    return None
+
+
 def parse(model: type[M], body: Any) -> M:
+    """Validate a parsed body against a route's model; every error is a 400 naming the field."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    where = invalid_text_at(body)
+    if where is not None:
+        raise ApiError(400, f"{where}: the text holds a lone UTF-16 surrogate (a \\ud800-"
+                            "\\udfff escape that is not half of a pair), which is not valid "
+                            "Unicode", param=where, code="invalid_unicode")
     try:
         return model.model_validate(body)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
+        msg = first["msg"].removeprefix("Value error, ")
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise ApiError(400, f"{where}: {first['msg']}{more}", param=where) from exc
+        raise ApiError(400, f"{where}: {msg}{more}", param=where) from exc
 
 
 def sampling(req: _Sampling, n_prompt: int, n_ctx: int, cap: int) -> SamplingParams:
