@@ -101,9 +101,18 @@ def _stop_on_sigterm() -> None:
 def serve(model: str, host: str = "127.0.0.1", port: int = 8080,
           api_key_file: Path | None = None, threads: int = 0, ctx: int = 2048,
           queue_size: int = 8, max_tokens: int = 512, max_body_bytes: int = 1 << 20,
-          model_id: str | None = None, dev: bool = False) -> None:
+          model_id: str | None = None, dev: bool = False, max_connections: int = 512,
+          max_connections_per_client: int = 64, request_timeout_s: float = 20.0) -> None:
     """Load ``model`` and serve it until SIGINT/SIGTERM (the Python API of `edgesmith serve`)."""
     from edgesmith.device_server.app import ServerConfig, create_app
+    from edgesmith.device_server.http_server import Limits
+
+    if max_connections_per_client > max_connections:
+        raise ServeError(f"--max-connections-per-client ({max_connections_per_client}) is "
+                         f"above --max-connections ({max_connections})",
+                         "give one client at most the server's whole limit")
+    limits = Limits(total=max_connections, per_client=max_connections_per_client,
+                    request_timeout_s=request_timeout_s)
 
     path = resolve_model(model)
     api_key = read_api_key(api_key_file) if api_key_file is not None else None
@@ -130,61 +139,21 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8080,
             with contextlib.suppress(KeyboardInterrupt):
                 app.run(host=host, port=port, threaded=True, use_reloader=False)
         else:
-            _waitress(app, sock, config)
+            _waitress(app, sock, config, limits)
     finally:
         sock.close()
     err.print("stopped", markup=False, soft_wrap=True)
 
 
-def _json_error_channel(max_body_bytes: int) -> type:
-    """A waitress channel whose own errors (a body over the limit, a malformed request line,
-    headers too large) are answered in the OpenAI error form, like the app's, not as text."""
-    import json
+def _waitress(app: Any, sock: socket.socket, config: Any, limits: Any) -> None:
+    from edgesmith.device_server.http_server import make_server
 
-    from waitress.channel import HTTPChannel
-    from waitress.task import ErrorTask
-
-    kinds = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error"}
-
-    class JSONErrorTask(ErrorTask):
-        def execute(self) -> None:
-            e = self.request.error
-            message = str(e.body).strip() or e.reason
-            if e.code == 413:  # the same words as the app's own 413
-                message = f"the request body is larger than this server's limit of " \
-                          f"{max_body_bytes} bytes"
-            kind = kinds.get(e.code, "invalid_request_error" if e.code < 500 else "server_error")
-            body = json.dumps({"error": {"message": message, "type": kind, "param": None,
-                                         "code": None}}).encode()
-            self.status = f"{e.code} {e.reason}"
-            self.response_headers.append(("Content-Type", "application/json"))
-            self.set_close_on_finish()
-            self.content_length = len(body)
-            self.write(body)
-
-    class JSONErrorChannel(HTTPChannel):
-        error_task_class = JSONErrorTask
-
-    return JSONErrorChannel
-
-
-def _waitress(app: Any, sock: socket.socket, config: Any) -> None:
-    from waitress.server import create_server
-
-    sock.listen(1024)
-    server = create_server(
-        app, sockets=[sock],
-        # one thread per request in flight: the running one, the queued ones, and a few for
-        # /health, /metrics and requests answered 503 at once, so none waits for a thread
-        threads=config.queue_size + 4,
-        # read ahead on each connection, so waitress notices a client that went away
-        # (waitress.client_disconnected) while its request waits in the queue
-        channel_request_lookahead=1,
-        # a larger body is refused from its Content-Length, before it is read or spooled
-        max_request_body_size=config.max_body_bytes + 1,  # waitress refuses >= its limit
-        ident="edgesmith", clear_untrusted_proxy_headers=True,
-    )
-    server.channel_class = _json_error_channel(config.max_body_bytes)
+    metrics = app.extensions["edgesmith_engine"].metrics
+    server = make_server(app, sock, threads=config.queue_size + 4,
+                         max_body_bytes=config.max_body_bytes, limits=limits,
+                         on_close=metrics.count_connection_closed)
+    metrics.add_gauge("open_connections", "HTTP connections open now.",
+                      lambda: len(server.active_channels))
     try:
         server.run()
     except KeyboardInterrupt:
@@ -216,8 +185,20 @@ def register(app: typer.Typer) -> None:
                                         help="Largest request body, in KiB (else 413)."),
         model_id: str = typer.Option(None, "--model-id",
                                      help="Model name in /v1/models (default: file stem)."),
+        max_connections: int = typer.Option(
+            512, "--max-connections", min=1,
+            help="Open connections in all; beyond that a new one replaces one waiting for "
+                 "its request, or is answered 503."),
+        max_connections_per_client: int = typer.Option(
+            64, "--max-connections-per-client", min=1,
+            help="Open connections from one client address (the same rule)."),
+        request_timeout_s: float = typer.Option(
+            20.0, "--request-timeout-s", min=0.5,
+            help="Seconds a request's line, headers and body may take to arrive (else 408); "
+                 "idle connections close after as long."),
         dev: bool = typer.Option(False, "--dev",
-                                 help="Flask's development server (debugging only)."),
+                                 help="Flask's development server (debugging only; none of "
+                                      "the connection limits)."),
     ) -> None:
         """Serve a GGUF model over an OpenAI-compatible HTTP API (waitress, one llama.cpp
         context, a bounded queue).
@@ -229,7 +210,10 @@ def register(app: typer.Typer) -> None:
         """
         serve(model, host=host, port=port, api_key_file=api_key_file, threads=threads,
               ctx=ctx, queue_size=queue_size, max_tokens=max_tokens,
-              max_body_bytes=max_body_kb * 1024, model_id=model_id, dev=dev)
+              max_body_bytes=max_body_kb * 1024, model_id=model_id, dev=dev,
+              max_connections=max_connections,
+              max_connections_per_client=max_connections_per_client,
+              request_timeout_s=request_timeout_s)
 
 
 if __name__ == "__main__":  # pragma: no cover

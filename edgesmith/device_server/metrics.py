@@ -56,6 +56,7 @@ class Metrics:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.cancelled = 0
+        self.connections_closed: dict[str, int] = {}
         self.ttft = Histogram(TTFT_BUCKETS)
         self.decode_tps = Histogram(TPS_BUCKETS)
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
@@ -64,6 +65,11 @@ class Metrics:
         key = (("route", route), ("method", method), ("status", str(status)))
         with self._lock:
             self.requests[key] = self.requests.get(key, 0) + 1
+
+    def count_connection_closed(self, reason: str) -> None:
+        """A connection the server's limits closed: "refused", "evicted" or "timed_out"."""
+        with self._lock:
+            self.connections_closed[reason] = self.connections_closed.get(reason, 0) + 1
 
     def record_generation(self, prompt_tokens: int, completion_tokens: int,
                           ttft_s: float | None, decode_tps: float | None,
@@ -95,6 +101,11 @@ class Metrics:
             ):
                 lines += [f"# HELP {p}_{name} {help_text}", f"# TYPE {p}_{name} counter",
                           f"{p}_{name} {value}"]
+            lines += [f"# HELP {p}_connections_closed_total Connections closed by the "
+                      "connection limits, by reason (refused, evicted, timed_out).",
+                      f"# TYPE {p}_connections_closed_total counter"]
+            lines += [f"{p}_connections_closed_total{_labels((('reason', r),))} {n}"
+                      for r, n in sorted(self.connections_closed.items())]
             for name, help_text, hist in (
                 ("time_to_first_token_seconds", "Prompt evaluation + first token, excluding "
                  "queue wait.", self.ttft),
