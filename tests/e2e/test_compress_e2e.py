@@ -21,13 +21,20 @@ TEXT = ("SQLite is a C-language library that implements a small, fast, self-cont
         "database engine. In 2024, 1234 devices ran it at $56.78 each -- see https://x.org/a?b=1")
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "edgesmith.cli", *args], capture_output=True,
-                          text=True, timeout=900, env={**os.environ, "COLUMNS": "200"})
+@pytest.fixture(scope="session")
+def cli(watched):  # type: ignore[no-untyped-def]
+    """The CLI in a subprocess. No fixed timeout (900 s failed a healthy run on a busy machine):
+    conftest.run_watched fails a run only when it stops progressing (see IDLE_S there)."""
+
+    def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return watched([sys.executable, "-m", "edgesmith.cli", *args],  # type: ignore[no-any-return]
+                       env={**os.environ, "COLUMNS": "200"})
+
+    return _cli
 
 
 @pytest.fixture(scope="module")
-def pi5(tmp_path_factory: pytest.TempPathFactory) -> dict:  # type: ignore[type-arg]
+def pi5(tmp_path_factory: pytest.TempPathFactory, cli) -> dict:  # type: ignore[no-untyped-def,type-arg]
     out = tmp_path_factory.mktemp("pi5")
     p = cli("compress", "builtin:smollm2-135m", "--target", "raspberry-pi-5", "-o", str(out),
             "--threads", "2")
@@ -55,7 +62,7 @@ def test_pi5_recipe_outputs_a_checked_q4_k_m(pi5: dict) -> None:  # type: ignore
     assert "smollm2-135m.Q4_K_M.gguf" in Path(pi5["_out"], "report.md").read_text()
 
 
-def test_imatrix_beats_plain_q4_k_m_at_equal_size(pi5: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
+def test_imatrix_beats_plain_q4_k_m_at_equal_size(pi5: dict, tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def,type-arg]
     recipe = Path(pi5["recipe"]["source"]).read_text().replace("imatrix: true", "imatrix: false")
     (tmp_path / "plain.yaml").write_text(recipe.replace("raspberry-pi-5-q4km", "plain-q4km"))
     p = cli("compress", "builtin:smollm2-135m", "--recipe", str(tmp_path / "plain.yaml"),
@@ -76,7 +83,7 @@ def test_tokenizer_round_trip_matches_original_gguf(pi5: dict) -> None:  # type:
     assert ours.detokenize(hf_ids) == TEXT == tok.decode(hf_ids)
 
 
-def test_gguf_file_input_with_a_recipe_file(tmp_path: Path) -> None:
+def test_gguf_file_input_with_a_recipe_file(tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
     gguf = models.builtin_path("smollm2-135m")
     recipe = Path(__file__).parents[2] / "recipes" / "raspberry-pi-4-q8.yaml"
     p = cli("compress", str(gguf), "--recipe", str(recipe), "-o", str(tmp_path), "--json")
@@ -88,7 +95,7 @@ def test_gguf_file_input_with_a_recipe_file(tmp_path: Path) -> None:
     assert man["input"]["kind"] == "gguf"
 
 
-def test_export_f16_loads_and_generates(tmp_path: Path) -> None:
+def test_export_f16_loads_and_generates(tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
     p = cli("export", "builtin:smollm2-135m", "--format", "gguf", "--outtype", "f16", "-o",
             str(tmp_path), "--json")
     assert p.returncode == 0, p.stderr
