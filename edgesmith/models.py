@@ -12,13 +12,17 @@ import json
 import os
 import re
 import shutil
-import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgesmith.errors import ModelError
+from edgesmith import hf_check
+from edgesmith.errors import EdgesmithError, ModelError
 from edgesmith.fsutil import cache_root, sha256_text
+from edgesmith.safetensors_check import SafetensorsHeader, TensorEntry
+from edgesmith.safetensors_check import read_header as read_safetensors_header
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -157,18 +161,36 @@ def _is_gguf(path: Path) -> bool:
         return f.read(4) == GGUF_MAGIC
 
 
+MAX_CONFIG_BYTES = 64 << 20  # a config.json is a few KB; the largest label maps a few MB
+
+
 def read_config(path: Path) -> dict[str, Any]:
+    """config.json as a JSON object whose ``architectures`` (if any) is a list of names."""
     cfg_path = path / "config.json"
     if not cfg_path.exists():
         raise ModelError(
             f"{path} has no config.json, so it is not a Hugging Face model directory",
             "point at the directory that holds config.json and *.safetensors",
         )
+    fix = "repair or re-download it"
+    size = cfg_path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ModelError(f"{cfg_path} is {size} bytes, over the {MAX_CONFIG_BYTES}-byte limit "
+                         "of a config.json", fix)
     try:
-        return json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{cfg_path} is not valid JSON: {exc}",
-                         "repair or re-download it") from exc
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except RecursionError as exc:
+        raise ModelError(f"{cfg_path} is not valid JSON: it nests too deep", fix) from exc
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, a 5000-digit integer
+        raise ModelError(f"{cfg_path} is not valid JSON: {exc}", fix) from exc
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{cfg_path} is a JSON {type(cfg).__name__}, not an object", fix)
+    archs = cfg.get("architectures")
+    if archs is not None and (not isinstance(archs, list)
+                              or not all(isinstance(a, str) for a in archs)):
+        raise ModelError(f"{cfg_path}: architectures is {str(archs)[:40]}, not a list of names",
+                         'set it to the model class, e.g. ["LlamaForCausalLM"]')
+    return cfg
 
 
 def validate(ref: ModelRef) -> None:
@@ -183,6 +205,7 @@ def validate(ref: ModelRef) -> None:
             f"unsupported architecture {arch or cfg.get('model_type')!r} in {ref.path}/config.json",
             "supported: " + ", ".join(sorted(CAUSAL_LM_ARCHS | ENCODER_ARCHS)),
         )
+    hf_check.check_config(cfg, ref.path / "config.json")
     shards = sorted(ref.path.glob("*.safetensors"))
     if not shards:
         pickles = [p for p in ref.path.iterdir() if p.suffix in PICKLE_SUFFIXES]
@@ -194,44 +217,34 @@ def validate(ref: ModelRef) -> None:
             )
         if not pickles:
             raise ModelError(f"{ref.path} has no *.safetensors weights", "add the model weights")
-    for shard in shards:
-        check_safetensors(shard)
+        return
+    hf_check.check_tensors(cfg, safetensors_tensors(ref.path), ref.path / "config.json")
 
 
-def check_safetensors(path: Path) -> dict[str, Any]:
-    """Validate a safetensors header and that the file holds all the bytes it declares."""
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise ValueError("file shorter than its 8-byte header")
-            (n,) = struct.unpack("<Q", raw)
-            if n <= 0 or n > min(size - 8, 100_000_000):
-                raise ValueError(f"header length {n} does not fit the file size {size}")
-            header = json.loads(f.read(n))
-        end = max(
-            (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
-        )
-        if 8 + n + end > size:
-            raise ValueError(f"truncated: header declares {8 + n + end} bytes, file has {size}")
-    except (ValueError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(
-            f"corrupt safetensors file {path}: {exc}", "re-download or re-save the model"
-        ) from exc
-    return header
+def check_safetensors(path: Path) -> SafetensorsHeader:
+    """Validate a safetensors header fully (see safetensors_check) without reading the data."""
+    return read_safetensors_header(path)
+
+
+def safetensors_tensors(hf_dir: Path) -> dict[str, tuple[str, TensorEntry]]:
+    """Every tensor of the directory's shards (name -> (shard name, entry)), each checked;
+    a tensor in two shards is refused (transformers would silently take one of them)."""
+    tensors: dict[str, tuple[str, TensorEntry]] = {}
+    for shard in sorted(hf_dir.glob("*.safetensors")):
+        for name, entry in check_safetensors(shard).tensors.items():
+            if name in tensors:
+                raise ModelError(f"tensor {name[:80]!r} is in both {tensors[name][0]} and "
+                                 f"{shard.name} of {hf_dir}", "remove the stale shard")
+            tensors[name] = (shard.name, entry)
+    return tensors
 
 
 def check_gguf(path: Path) -> None:
-    """Parse a GGUF fully enough to catch a bad magic, a truncated header or truncated data."""
-    from edgesmith.gguf_file import GGUFFormatError, read_header
+    """Refuse a damaged or inconsistent GGUF before any heavy work: its header, tensor table
+    and hyperparameters (gguf_file.check_structure; header only, milliseconds)."""
+    from edgesmith.gguf_file import check_structure
 
-    try:
-        read_header(path)  # also checks that every tensor's data lies inside the file
-    except (GGUFFormatError, OSError) as exc:
-        raise ModelError(
-            f"corrupt or truncated GGUF file {path}: {exc}", "re-download or re-export it"
-        ) from exc
+    check_structure(path)
 
 
 def gguf_architecture(path: Path) -> str:
@@ -287,21 +300,24 @@ def _gguf_to_hf_dir(gguf_path: Path, dest: Path) -> None:
 
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
-    try:
+    from edgesmith.gguf_file import read_header
+
+    # the dequantized model, and the fresh copy it is saved through, both in fp32
+    entries = read_header(gguf_path).tensors
+    hf_check.require_memory(2 * sum(4 * t.n_elements for t in entries)
+                            + hf_check.LOAD_OVERHEAD_BYTES,
+                            f"dequantizing {gguf_path} to fp32 (transformers)")
+    with library_errors(gguf_path, "use a GGUF of an architecture transformers can dequantize "
+                                   "(llama, qwen2, ...)"):
         # its tqdm bar would print through our rich progress display (which shows this step)
         with mock.patch.object(gguf_utils, "tqdm", lambda items, **_: items):
             loaded = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kw)
         tok = AutoTokenizer.from_pretrained(src, **kw)
-    except Exception as exc:
-        raise ModelError(
-            f"transformers cannot load {gguf_path}: {exc}",
-            "use a GGUF of an architecture transformers can dequantize (llama, qwen2, ...)",
-        ) from exc
-    config = AutoConfig.from_pretrained(src, **kw)
-    # The GGUF-loaded model refuses save_pretrained: copy its weights into a fresh model.
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    res = model.load_state_dict(loaded.state_dict(), strict=False)
+        config = AutoConfig.from_pretrained(src, **kw)
+        # The GGUF-loaded model refuses save_pretrained: copy its weights into a fresh model.
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        tied = bool(getattr(config, "tie_word_embeddings", False))
+        res = model.load_state_dict(loaded.state_dict(), strict=False)
     # every weight must come from the file (a tied output head is the embedding, set below);
     # a missing one would stay random and the reference model would be wrong with it
     missing = [k for k in res.missing_keys if not (tied and k == "lm_head.weight")]
@@ -351,8 +367,9 @@ def _pickle_to_safetensors(ref: ModelRef) -> Path:
         return dest
     tmp = _partial(dest)
     shutil.rmtree(tmp, ignore_errors=True)
-    model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch.float32,
-                                                 use_safetensors=False)
+    with library_errors(ref.path):
+        model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch.float32,
+                                                     use_safetensors=False)
     model.save_pretrained(tmp, safe_serialization=True)
     AutoTokenizer.from_pretrained(ref.path).save_pretrained(tmp)
     (tmp / ".complete").write_text(str(ref.path))
@@ -362,18 +379,42 @@ def _pickle_to_safetensors(ref: ModelRef) -> Path:
 
 
 def load_hf(hf_dir: Path) -> tuple[Any, Any]:
-    """Load an HF causal LM + tokenizer from a safetensors directory, fp32, eval mode."""
+    """Load an HF causal LM + tokenizer from a safetensors directory, fp32, eval mode.
+
+    The memory the load needs is checked against this machine's RAM first, and whatever
+    transformers, torch or safetensors raise on a bad directory is one ModelError
+    (compress, bench and every pass load through here)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-
-    model = AutoModelForCausalLM.from_pretrained(
-        hf_dir, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
-    )
-    model.eval()
-    tok = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False)
+    entries = [entry for _, entry in safetensors_tensors(hf_dir).values()]
+    hf_check.require_memory(hf_check.load_bytes(entries), f"loading {hf_dir} in fp32")
+    with library_errors(hf_dir):
+        model = AutoModelForCausalLM.from_pretrained(
+            hf_dir, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
+        )
+        model.eval()
+        tok = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False)
     return model, tok
 
 
+@contextmanager
+def library_errors(path: Path, hint: str = "") -> Iterator[None]:
+    """What a library raises while loading the model at ``path`` becomes one ModelError naming
+    it (our own errors pass through): the one translation for every load of a model."""
+    try:
+        yield
+    except EdgesmithError:
+        raise
+    except MemoryError as exc:
+        raise ModelError(f"out of memory while loading {path}",
+                         "use a smaller model, or a machine with more memory") from exc
+    except Exception as exc:
+        text = " ".join(str(exc).split())
+        text = text if len(text) <= 300 else text[:297] + "..."
+        raise ModelError(
+            f"transformers cannot load {path}: {type(exc).__name__}: {text}",
+            hint or "check that config.json matches the weights (a supported architecture), "
+            "or re-download the model") from exc
