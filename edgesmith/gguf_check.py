@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from edgesmith.gguf_file import _ARRAY, _STRING, INTEGER_TYPES, GGUFHeader, TensorInfo
+from edgesmith.gguf_file import _ARRAY, _STRING, INTEGER_TYPES, GGUFHeader, TensorInfo, shown
 
 # llama.cpp's limits
 GGML_MAX_DIMS = 4
@@ -57,17 +57,17 @@ def _tensor_table(h: GGUFHeader) -> Problem:
     prev: TensorInfo | None = None
     for t in h.tensors:
         if len(t.name) >= GGML_MAX_NAME:
-            return f"tensor name {t.name[:70]!r} is {len(t.name)} characters (llama.cpp: " \
+            return f"tensor name {shown(t.name)!r} is {len(t.name)} characters (llama.cpp: " \
                    f"under {GGML_MAX_NAME})"
         if len(t.shape) > GGML_MAX_DIMS:
-            return f"tensor {t.name} has {len(t.shape)} dimensions (llama.cpp: at most " \
+            return f"tensor {shown(t.name)} has {len(t.shape)} dimensions (llama.cpp: at most " \
                    f"{GGML_MAX_DIMS})"
         if any(d > INT64_MAX for d in t.shape) or t.n_elements > INT64_MAX:
-            return f"tensor {t.name} has the impossible shape {list(t.shape)}"
+            return f"tensor {shown(t.name)} has the impossible shape {list(t.shape)}"
         block, _ = GGML_QUANT_SIZES[GGMLQuantizationType[t.type]]
         row = t.shape[0] if t.shape else 1
         if row % block:
-            return f"tensor {t.name} of type {t.type} has rows of {row} values, not a " \
+            return f"tensor {shown(t.name)} of type {t.type} has rows of {row} values, not a " \
                    f"multiple of its block size {block}"
         rel = t.offset - h.data_offset
         if rel != expected:
@@ -83,15 +83,16 @@ def _tensor_table(h: GGUFHeader) -> Problem:
 
 def _misplaced(t: TensorInfo, rel: int, expected: int, prev: TensorInfo | None,
                align: int) -> str:
-    where = f"tensor {t.name} starts at data offset {rel}"
+    where = f"tensor {shown(t.name)} starts at data offset {rel}"
     if rel % align:
         return f"{where}, not aligned to {align} bytes"
     if prev is None:
         return f"{where}, not 0: the first tensor starts the data section"
-    was = f"{prev.name} ({prev.type}, shape {list(prev.shape)}) ends at {expected}"
+    name = shown(prev.name)
+    was = f"{name} ({prev.type}, shape {list(prev.shape)}) ends at {expected}"
     if rel < expected:
-        return f"{where} but {was}: they overlap, or {prev.name}'s type or shape was changed"
-    return f"{where} but {was}: a gap, or {prev.name}'s type or shape was changed"
+        return f"{where} but {was}: they overlap, or {name}'s type or shape was changed"
+    return f"{where} but {was}: a gap, or {name}'s type or shape was changed"
 
 
 # -- metadata llama.cpp cannot read ---------------------------------------------------------
@@ -99,7 +100,7 @@ def _misplaced(t: TensorInfo, rel: int, expected: int, prev: TensorInfo | None,
 def _metadata(h: GGUFHeader) -> Problem:
     for key, vtype in h.types.items():
         if vtype[:2] == (_ARRAY, _ARRAY):
-            return f"{key} is an array of arrays, which llama.cpp cannot read"
+            return f"{shown(key)} is an array of arrays, which llama.cpp cannot read"
         if not key:
             return "a metadata key is empty"
     arch = h.field("general.architecture")
@@ -251,8 +252,8 @@ def _llama_shapes(h: GGUFHeader, n_embd: int, n_head: list[int], n_head_kv: list
                 "ffn_down.weight": (ff, n_embd),
             }.get(t.name[m.end():])
         if want is not None and t.shape != want:
-            raise _Bad(f"tensor {t.name} has shape {list(t.shape)}, the hyperparameters give "
-                       f"{list(want)}")
+            raise _Bad(f"tensor {shown(t.name)} has shape {list(t.shape)}, the "
+                       f"hyperparameters give {list(want)}")
 
 
 def _n_vocab(h: GGUFHeader) -> int | None:

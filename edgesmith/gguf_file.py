@@ -38,6 +38,17 @@ class GGUFFormatError(ModelError, ValueError):
     """The file is not a GGUF, or its header is corrupt or truncated (its message does not
     name the file: callers add it)."""
 
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(shown(message, 500), hint)
+
+
+def shown(text: str, limit: int = 80) -> str:
+    """Text from a file as it may appear in a one-line message: control characters escaped
+    (no newline, no terminal escape sequence), at most ``limit`` characters."""
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -162,7 +173,7 @@ def _read_header(path: Path) -> GGUFHeader:
             at = c.pos
             key = c.string()
             if key in fields:
-                raise GGUFFormatError(f"duplicate metadata key {key!r} at byte {at}")
+                raise GGUFFormatError(f"duplicate metadata key {shown(key)!r} at byte {at}")
             vtype = c.take("<I")
             if vtype == _ARRAY and c.pos + 4 <= size:
                 (etype,) = struct.unpack_from("<I", buf, c.pos)
@@ -175,11 +186,11 @@ def _read_header(path: Path) -> GGUFHeader:
         for _ in range(n_tensors):
             name = c.string()
             if name in names:
-                raise GGUFFormatError(f"duplicate tensor name {name!r}")
+                raise GGUFFormatError(f"duplicate tensor name {shown(name)!r}")
             names.add(name)
             n_dims = c.take("<I")
             if n_dims > 8:
-                raise GGUFFormatError(f"tensor {name} has {n_dims} dimensions")
+                raise GGUFFormatError(f"tensor {shown(name)} has {n_dims} dimensions")
             shape = tuple(c.take("<Q") for _ in range(n_dims))
             raw.append((name, shape, c.take("<I"), c.take("<Q")))
     align = _alignment(fields, types)
@@ -189,14 +200,14 @@ def _read_header(path: Path) -> GGUFHeader:
         try:
             qtype = GGMLQuantizationType(tid)
         except ValueError as exc:
-            raise GGUFFormatError(f"tensor {name} has unknown type {tid}") from exc
+            raise GGUFFormatError(f"tensor {shown(name)} has unknown type {tid}") from exc
         block, type_size = GGML_QUANT_SIZES[qtype]
         n = 1
         for d in shape:
             n *= d
         info = TensorInfo(name, qtype.name, shape, n, n // block * type_size, data_offset + rel)
         if info.offset + info.n_bytes > size:
-            raise GGUFFormatError(f"tensor {name} runs past the end of the file (its data "
+            raise GGUFFormatError(f"tensor {shown(name)} runs past the end of the file (its data "
                                   f"ends at byte {info.offset + info.n_bytes}, the file has "
                                   f"{size})")
         tensors.append(info)
@@ -251,5 +262,6 @@ def validated_header(path: Path) -> GGUFHeader:
                          "check the path and its permissions") from exc
     problem = structure_problem(header)
     if problem:
+        problem = shown(problem, 500)
         raise ModelError(f"invalid GGUF file {path}: {problem}", hint)
     return header
