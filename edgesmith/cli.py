@@ -56,6 +56,20 @@ def _root(
                         format="%(levelname)s %(name)s: %(message)s")
 
 
+def _input_model(spec: str, allow_pickle: bool, loads: bool) -> Any:
+    """The input model of compress and export, resolved and checked (its config.json, every
+    header, and for ``loads`` the memory of its fp32 load) before any progress display or
+    heavy work: a bad model is one line and exit 2, from either command. Later load errors
+    become the same ModelError in models.load_hf (compress) or a ToolError from the
+    converter (export)."""
+    from edgesmith import models
+
+    ref = models.resolve(spec, allow_pickle=allow_pickle)
+    if loads:
+        models.check_load_memory(ref)
+    return ref
+
+
 @app.command()
 def compress(
     model: str = typer.Argument(..., help="HF model directory, .gguf file, or builtin:NAME."),
@@ -82,6 +96,7 @@ def compress(
         raise RecipeError("pass exactly one of --target or --recipe",
                           "e.g. --target raspberry-pi-5, or --recipe recipes/FILE.yaml")
     rec = recipe.load(recipe_path) if recipe_path else recipe.for_target(target)
+    _input_model(model, allow_pickle, loads=True)
     opts = pipeline.Options(out_dir=output, force=force, threads=threads,
                             allow_pickle=allow_pickle, command=["edgesmith", *sys.argv[1:]])
     try:
@@ -126,7 +141,7 @@ def export(
         config = EXPORTERS[fmt].Config(outtype=outtype)
     except ValueError as exc:
         raise RecipeError(f"invalid --outtype {outtype!r}", "use f16, bf16 or f32") from exc
-    ref = models.resolve(model, allow_pickle=allow_pickle)
+    ref = _input_model(model, allow_pickle, loads=False)
     dest = output / f"{ref.name}.{outtype.upper()}.{fmt}"
     check_writable(dest, force)
     with make_progress() as progress:

@@ -269,7 +269,7 @@ def as_hf_dir(ref: ModelRef, progress: Any = None) -> Path:
         except BaseException:
             shutil.rmtree(_partial(_safetensors_copy_dir(ref)), ignore_errors=True)
             raise
-    dest = cache_root() / "hf" / ref.fingerprint()
+    dest = _dequantized_dir(ref)
     if (dest / ".complete").exists():
         return dest
     task = None
@@ -300,13 +300,7 @@ def _gguf_to_hf_dir(gguf_path: Path, dest: Path) -> None:
 
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
-    from edgesmith.gguf_file import read_header
-
-    # the dequantized model, and the fresh copy it is saved through, both in fp32
-    entries = read_header(gguf_path).tensors
-    hf_check.require_memory(2 * sum(4 * t.n_elements for t in entries)
-                            + hf_check.LOAD_OVERHEAD_BYTES,
-                            f"dequantizing {gguf_path} to fp32 (transformers)")
+    _require_dequant_memory(gguf_path)
     with library_errors(gguf_path, "use a GGUF of an architecture transformers can dequantize "
                                    "(llama, qwen2, ...)"):
         # its tqdm bar would print through our rich progress display (which shows this step)
@@ -347,6 +341,10 @@ def _restore_pre_tokenizer(gguf_path: Path, tokenizer_json: Path) -> None:
         tokenizer_json.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
 
 
+def _dequantized_dir(ref: ModelRef) -> Path:
+    return cache_root() / "hf" / ref.fingerprint()
+
+
 def _partial(dest: Path) -> Path:
     """Where a cache directory is written before it is renamed into place."""
     return dest.with_name(dest.name + ".partial")
@@ -381,23 +379,69 @@ def _pickle_to_safetensors(ref: ModelRef) -> Path:
 def load_hf(hf_dir: Path) -> tuple[Any, Any]:
     """Load an HF causal LM + tokenizer from a safetensors directory, fp32, eval mode.
 
-    The memory the load needs is checked against this machine's RAM first, and whatever
-    transformers, torch or safetensors raise on a bad directory is one ModelError
-    (compress, bench and every pass load through here)."""
+    The memory the load needs is checked against this machine's RAM first; every weight must
+    come from the files (a missing or mismatched one would stay random), and whatever
+    transformers, torch or safetensors raise is one ModelError (compress, bench and every
+    pass load through here)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    _require_load_memory(hf_dir)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its multi-line load report; the ModelError says it
+    try:
+        with library_errors(hf_dir):
+            model, info = AutoModelForCausalLM.from_pretrained(
+                hf_dir, dtype=torch.float32, use_safetensors=True, trust_remote_code=False,
+                ignore_mismatched_sizes=True, output_loading_info=True,
+            )
+            tok = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    mismatched = sorted(info["mismatched_keys"])
+    if mismatched:
+        name, stored, expected = mismatched[0]
+        raise ModelError(f"{hf_dir}/config.json does not match its weights: {name} has shape "
+                         f"{list(stored)}, config.json gives {list(expected)}"
+                         + (f" ({len(mismatched) - 1} more)" if len(mismatched) > 1 else ""),
+                         "correct config.json's sizes (intermediate_size, heads, head_dim)")
+    missing = sorted(info["missing_keys"])
+    if missing:
+        raise ModelError(f"{hf_dir} lacks weights its config.json needs: {', '.join(missing[:3])}"
+                         + (f" ({len(missing) - 3} more)" if len(missing) > 3 else ""),
+                         "point at a complete model directory, or add the missing shards")
+    model.eval()
+    return model, tok
+
+
+def check_load_memory(ref: ModelRef) -> None:
+    """Refuse, before any heavy work, a model whose fp32 load (a GGUF: its dequantization)
+    cannot fit in this machine's RAM. compress loads every input so; export does not (the
+    converter streams tensors), and load_hf checks again whatever it loads."""
+    if ref.kind == "gguf":
+        done = _dequantized_dir(ref)
+        if (done / ".complete").exists():
+            _require_load_memory(done)
+        else:
+            _require_dequant_memory(ref.path)
+    elif any(ref.path.glob("*.safetensors")):
+        _require_load_memory(ref.path)
+
+
+def _require_load_memory(hf_dir: Path) -> None:
     entries = [entry for _, entry in safetensors_tensors(hf_dir).values()]
     hf_check.require_memory(hf_check.load_bytes(entries), f"loading {hf_dir} in fp32")
-    with library_errors(hf_dir):
-        model = AutoModelForCausalLM.from_pretrained(
-            hf_dir, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
-        )
-        model.eval()
-        tok = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False)
-    return model, tok
+
+
+def _require_dequant_memory(gguf_path: Path) -> None:
+    """The dequantized model and the fresh copy it is saved through, both in fp32."""
+    from edgesmith.gguf_file import read_header
+
+    fp32 = sum(4 * t.n_elements for t in read_header(gguf_path).tensors)
+    hf_check.require_memory(2 * fp32 + hf_check.LOAD_OVERHEAD_BYTES,
+                            f"dequantizing {gguf_path} to fp32 (transformers)")
 
 
 @contextmanager

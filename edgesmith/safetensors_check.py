@@ -13,7 +13,6 @@ ModelError naming the file, the tensor and what is wrong.
 from __future__ import annotations
 
 import json
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,11 +35,11 @@ DTYPE_BYTES: dict[str, int] = {
 FLOAT_DTYPES = frozenset(d for d in DTYPE_BYTES if d.startswith(("F", "BF", "C")))
 HINT = "re-download or re-save the model"
 
-# A JSON string, or an unterminated one running to the end: no backtracking, linear time.
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*(?:"|\\?\Z)', re.DOTALL)
-_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
-_OPEN = np.frombuffer(b"[{", np.uint8)
-_CHUNK = 1 << 22
+_NOT_SYNTAX = bytes(b for b in range(256) if b not in b'[]{}"')
+_STEP = np.zeros(256, np.int32)
+_STEP[list(b"[{")], _STEP[list(b"]}")] = 1, -1
+_QUOTE = ord('"')
+_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -93,13 +92,18 @@ def read_header(path: Path) -> SafetensorsHeader:
     return _check(text, size, str(path))
 
 
-def check_bytes(data: bytes, where: str = "<bytes>") -> SafetensorsHeader:
-    """The same checks on a whole file held in memory (``data``)."""
+def check_bytes(data: bytes, where: str = "<bytes>", file_size: int | None = None
+                ) -> SafetensorsHeader:
+    """The same checks on a file held in memory: all of it, or its start (at least the
+    header) with the whole file's ``file_size``."""
+    size = len(data) if file_size is None else file_size
     try:
-        n = _header_length(data[:8], len(data))
+        n = _header_length(data[:8], size)
+        if len(data) < 8 + n:
+            raise _Bad(f"the header length {n} is past the {len(data)} bytes given")
     except _Bad as exc:
         raise ModelError(f"corrupt safetensors file {where}: {exc}", HINT) from exc
-    return _check(data[8:8 + n], len(data), where)
+    return _check(data[8:8 + n], size, where)
 
 
 def _header_length(raw: bytes, size: int) -> int:
@@ -124,9 +128,9 @@ def _check(text: bytes, size: int, where: str) -> SafetensorsHeader:
 
 
 def _parse(text: bytes) -> dict[str, Any]:
-    depth = nesting_depth(text)
+    depth = nesting_depth(text, MAX_DEPTH)
     if depth > MAX_DEPTH:
-        raise _Bad(f"the header's JSON nests {depth} levels deep (a safetensors header has 3)")
+        raise _Bad(f"the header's JSON nests {depth}+ levels deep (a safetensors header has 3)")
     try:
         decoded = text.decode("utf-8")
         obj = json.loads(decoded, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
@@ -141,17 +145,28 @@ def _parse(text: bytes) -> dict[str, Any]:
     return obj
 
 
-def nesting_depth(text: bytes) -> int:
-    """How deep brackets nest in JSON text (brackets inside strings do not count); linear
-    time and memory, whatever the input. An unbalanced text gives a depth json rejects."""
-    brackets = _STRING.sub(b"", text).translate(None, _NOT_BRACKET)
-    codes = np.frombuffer(brackets, np.uint8)
-    depth = deepest = 0
+def nesting_depth(text: bytes, limit: int | None = None) -> int:
+    """How deep brackets nest in JSON text, brackets inside strings not counted: vectorized
+    over the text's quotes and brackets, linear time and bounded memory whatever the input.
+    (An unbalanced or otherwise invalid text gets some depth; json.loads refuses it next.)
+    With ``limit``, the scan may stop at the first megabyte that nests deeper than it."""
+    limit = limit if limit is not None else len(text)
+    # drop escaped backslashes, then escaped quotes: the quotes left delimit the strings
+    syntax = text.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_SYNTAX)
+    codes = np.frombuffer(syntax, np.uint8)
+    depth = deepest = quotes = 0
     for i in range(0, len(codes), _CHUNK):
-        steps = np.where(np.isin(codes[i:i + _CHUNK], _OPEN), 1, -1)
-        running = np.cumsum(steps, dtype=np.int64) + depth
+        c = codes[i:i + _CHUNK]
+        quote = c == _QUOTE
+        inside = (np.cumsum(quote, dtype=np.int32) + quotes) & 1
+        quotes += int(np.count_nonzero(quote))
+        step = _STEP[c]
+        step[inside.astype(bool)] = 0
+        running = np.cumsum(step, dtype=np.int64) + depth
         deepest = max(deepest, int(running.max()))
         depth = int(running[-1])
+        if deepest > limit:
+            break
     return deepest
 
 
@@ -211,12 +226,12 @@ def _entry(name: str, info: Any, data_bytes: int) -> TensorEntry:
     if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
         raise _Bad(f"{what} has the dtype {_show(dtype)}, not one that torch loads "
                    f"({', '.join(DTYPE_BYTES)})")
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise _Bad(f"{what} has the shape {_show(shape)}, not a list of non-negative integers")
-    if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(_is_int(o) and o >= 0 for o in offsets)):
-        raise _Bad(f"{what} has the data_offsets {_show(offsets)}, not two non-negative "
-                   "integers")
+    if not isinstance(shape, list) or not all(_is_size(d) for d in shape):
+        raise _Bad(f"{what} has the shape {_show(shape)}, not a list of integers in "
+                   "[0, 2**64)")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_size, offsets)):
+        raise _Bad(f"{what} has the data_offsets {_show(offsets)}, not two integers in "
+                   "[0, 2**64)")
     begin, end = offsets
     if end < begin:
         raise _Bad(f"{what} has the data_offsets {_show(offsets)}, which end before they begin")
@@ -240,8 +255,9 @@ def _n_bytes(shape: list[int], item: int) -> int | None:
     return n
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def _is_size(v: Any) -> bool:
+    """An unsigned 64-bit integer (the library's usize); JSON true/false are not numbers."""
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 64
 
 
 def _kind(v: Any) -> str:
