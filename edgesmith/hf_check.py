@@ -9,7 +9,7 @@ ModelError naming config.json, the field and the fix, before transformers alloca
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,18 @@ REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers")
 # Token embedding tensors, by name suffix (decoder-only archs, then BERT).
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "word_embeddings.weight")
 _LAYER = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
+# Per-layer weights whose shape config.json fixes, by name suffix (the Llama family's names,
+# BERT's feed-forward): (config fields, shape from h, i, heads*head_dim, kv_heads*head_dim).
+_LAYER_SHAPES: dict[str, tuple[str, Callable[[int, int, int, int], list[int]]]] = {
+    ".mlp.gate_proj.weight": ("intermediate_size", lambda h, i, q, kv: [i, h]),
+    ".mlp.up_proj.weight": ("intermediate_size", lambda h, i, q, kv: [i, h]),
+    ".mlp.down_proj.weight": ("intermediate_size", lambda h, i, q, kv: [h, i]),
+    ".intermediate.dense.weight": ("intermediate_size", lambda h, i, q, kv: [i, h]),
+    ".self_attn.q_proj.weight": ("num_attention_heads", lambda h, i, q, kv: [q, h]),
+    ".self_attn.o_proj.weight": ("num_attention_heads", lambda h, i, q, kv: [h, q]),
+    ".self_attn.k_proj.weight": ("num_key_value_heads", lambda h, i, q, kv: [kv, h]),
+    ".self_attn.v_proj.weight": ("num_key_value_heads", lambda h, i, q, kv: [kv, h]),
+}
 # What a process needs besides the weights: torch, the tokenizer, activations of a short window.
 LOAD_OVERHEAD_BYTES = 512 << 20
 
@@ -98,6 +110,32 @@ def check_tensors(cfg: dict[str, Any], tensors: dict[str, tuple[str, TensorEntry
                          f"{len(present)} layers (layer {first} has no tensors)",
                          f"set num_hidden_layers to {len(present)} if that is the model, or "
                          "add the missing shards")
+    _check_layer_shapes(cfg, tensors, cfg_path)
+
+
+def _check_layer_shapes(cfg: dict[str, Any], tensors: dict[str, tuple[str, TensorEntry]],
+                        cfg_path: Path) -> None:
+    hidden = cfg["hidden_size"]
+    inter = cfg.get("intermediate_size")
+    heads = cfg.get("num_attention_heads")
+    if not isinstance(inter, int) or not isinstance(heads, int):
+        return
+    kv = cfg.get("num_key_value_heads")
+    kv = kv if isinstance(kv, int) else heads
+    head_dim = cfg.get("head_dim")
+    head_dim = head_dim if isinstance(head_dim, int) else hidden // heads
+    for name, (shard, entry) in tensors.items():
+        suffix = next((s for s in _LAYER_SHAPES if name.endswith(s)), None)
+        if suffix is None:
+            continue
+        field, shape_of = _LAYER_SHAPES[suffix]
+        expected = shape_of(hidden, inter, heads * head_dim, kv * head_dim)
+        if list(entry.shape) != expected:
+            raise ModelError(
+                f"{cfg_path}: {field} and hidden_size disagree with the tensor {name[:80]} of "
+                f"shape {list(entry.shape)[:4]} in {shard} (config.json gives {expected})",
+                "correct config.json's sizes (hidden_size, intermediate_size, heads, "
+                "head_dim) to match the weights")
 
 
 def load_bytes(entries: Iterable[TensorEntry]) -> int:
