@@ -56,6 +56,9 @@ def test_outputs_and_manifest(compressed: Path, tiny_llama: Path) -> None:
     art = man["artifacts"][0]
     assert art["sha256"] == sha256_file(out / art["path"])
     assert art["size_bytes"] == (out / art["path"]).stat().st_size
+    # the manifest, written last, is the commit record: every other file with its sha256
+    assert {f["path"]: (f["sha256"], f["size_bytes"]) for f in man["files"]} == {
+        n: (sha256_file(out / n), (out / n).stat().st_size) for n in (art["path"], "report.md")}
     assert art["imatrix"] is True and art["fallbacks"] == []
     assert {t["type"] for t in art["tensors"]} >= {"Q4_K", "Q6_K"}
     assert man["input"]["sha256"] == sha256_file(tiny_llama / "model.safetensors")
