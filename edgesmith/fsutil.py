@@ -89,6 +89,10 @@ def _process_state(pid: int) -> tuple[bool, int | None]:
     start time None when it cannot be read (then only the pid is known)."""
     if pid <= 0:
         return False, None
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there
+        import psutil
+
+        return psutil.pid_exists(pid), None
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
