@@ -113,7 +113,6 @@ _MESSAGE_CHARS = 1000  # of a raise_exception() message
 # what str.split() splits on, and what str.splitlines() breaks at
 _SPACES = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004"
            "\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
-_SMALL_LEAVES = (bool, float, type(None))
 _LINE_BREAKS = "\n\x0b\x0c\r\x1c\x1d\x1e\x85\u2028\u2029"
 _PRINTF_SPEC = re.compile(r"%(?:\(([^)]*)\))?[#0 +-]*(\*|\d+)?(?:\.(\*|\d+))?[hlL]?(.)", re.S)
 _SPEC_NUMBER = re.compile(r"\d+")
@@ -206,7 +205,7 @@ class _Render:
         if isinstance(obj, int):
             return obj.bit_length() // 3 + 2
         if isinstance(obj, float):
-            return 32
+            return 24
         if isinstance(obj, (bytes, bytearray)):
             return 4 * len(obj) + 3
         if isinstance(obj, Undefined):
@@ -240,8 +239,10 @@ class _Render:
                 total += len(item) + 2 + per_item
             elif kind is int:
                 total += item.bit_length() // 3 + 2 + per_item
-            elif kind in _SMALL_LEAVES:
-                total += 32 + per_item
+            elif kind is float:
+                total += 24 + per_item
+            elif kind is bool or item is None:
+                total += 5 + per_item
             else:
                 total += self._measure(item, exact, indent, depth + 1, what) + per_item
             if total > limit:
@@ -424,40 +425,40 @@ class _BoundedEscapeFormatter(_BoundedFormatter, EscapeFormatter):
     pass
 
 
-# filters: checks made before the filter runs; each returns the value to filter
-_Pre = Callable[[_Render, Any, Any, tuple[Any, ...], dict[str, Any]], Any]
+# filters: checks made before the filter runs, given (the render, the filter's name, the
+# context, the value, the arguments); each returns the value to filter
+_Pre = Callable[[_Render, str, Any, Any, tuple[Any, ...], dict[str, Any]], Any]
+
+
+def _slow(r: _Render, n: int, what: str, cap: int) -> None:
+    """A filter taking one Python step per word or item of its text: its input is capped,
+    as the deadline is not checked inside it."""
+    if n > cap:
+        raise TemplateLimitError(f"gave over {cap} characters to the {what!r} filter")
 
 
 def _text_pre(factor: int = 1, slow: bool = False) -> _Pre:
-    """A filter making text of its value: at most ``factor`` times its size; ``slow``: one
-    Python step per word or character, so its input is capped at ``max_items`` characters."""
-    def pre(r: _Render, ctx: Any, value: Any, args: tuple[Any, ...],
+    """A filter making text of its value: at most ``factor`` times its size."""
+    def pre(r: _Render, what: str, ctx: Any, value: Any, args: tuple[Any, ...],
             kwargs: dict[str, Any]) -> Any:
-        n = r.text_size(value, "a filter")
-        r.check_chars(n * factor, "a filter")
+        n = r.text_size(value, what)
+        r.check_chars(n * factor, what)
         if slow:
-            r.check_count(n, "a filter")
+            _slow(r, n, what, r.limits.max_items)
         return value
     return pre
 
 
-def _items_pre(r: _Render, ctx: Any, value: Any, args: tuple[Any, ...],
+def _items_pre(r: _Render, what: str, ctx: Any, value: Any, args: tuple[Any, ...],
                kwargs: dict[str, Any]) -> Any:
-    r.check_items(value, "a filter")
+    r.check_items(value, what)
     return value
 
 
-def _batch_pre(r: _Render, ctx: Any, value: Any, args: tuple[Any, ...],
+def _batch_pre(r: _Render, what: str, ctx: Any, value: Any, args: tuple[Any, ...],
                kwargs: dict[str, Any]) -> Any:
-    r.check_items(value, "batch")
-    r.check_count(_arg(args, kwargs, 0, "linecount", 0), "batch")
-    return value
-
-
-def _slice_pre(r: _Render, ctx: Any, value: Any, args: tuple[Any, ...],
-               kwargs: dict[str, Any]) -> Any:
-    r.check_items(value, "slice")
-    r.check_count(_arg(args, kwargs, 0, "slices", 0), "slice")
+    r.check_items(value, what)
+    r.check_count(_arg(args, kwargs, 0, "linecount" if what == "batch" else "slices", 0), what)
     return value
 
 
@@ -468,22 +469,22 @@ def _listed(r: _Render, value: Any, what: str) -> list[Any]:
     return items
 
 
-def _join_pre(r: _Render, ctx: Any, value: Any, args: tuple[Any, ...],
+def _join_pre(r: _Render, what: str, ctx: Any, value: Any, args: tuple[Any, ...],
               kwargs: dict[str, Any]) -> Any:
-    items = _listed(r, value, "join")
+    items = _listed(r, value, what)
     attribute = _arg(args, kwargs, 1, "attribute", None)
     parts = map(make_attrgetter(ctx.environment, attribute), items) \
         if attribute is not None else items
-    total = max(len(items) - 1, 0) * r.text_size(_arg(args, kwargs, 0, "d", ""), "join")
+    total = max(len(items) - 1, 0) * r.text_size(_arg(args, kwargs, 0, "d", ""), what)
     for part in parts:
-        total += r.text_size(part, "join")
-        r.check_chars(total, "join")
+        total += r.text_size(part, what)
+        r.check_chars(total, what)
     return items
 
 
-def _sum_pre(r: _Render, ctx: Any, value: Any, args: tuple[Any, ...],
+def _sum_pre(r: _Render, what: str, ctx: Any, value: Any, args: tuple[Any, ...],
              kwargs: dict[str, Any]) -> Any:
-    items = _listed(r, value, "sum")
+    items = _listed(r, value, what)
     attribute = _arg(args, kwargs, 0, "attribute", None)
     start = _arg(args, kwargs, 1, "start", 0)
     parts = map(make_attrgetter(ctx.environment, attribute), items) \
@@ -494,95 +495,95 @@ def _sum_pre(r: _Render, ctx: Any, value: Any, args: tuple[Any, ...],
         if isinstance(part, (list, tuple)):
             length += len(part)
             copied += length
-            r.check_count(length, "sum")
-            r.check_count(copied // 10, "sum")
+            r.check_count(length, what)
+            if copied > 10 * r.limits.max_items:
+                raise TemplateLimitError(f"would copy over {10 * r.limits.max_items} items "
+                                         f"to sum lists ({what})")
     return items
 
 
-def _center_pre(r: _Render, ctx: Any, value: Any, args: tuple[Any, ...],
+def _center_pre(r: _Render, what: str, ctx: Any, value: Any, args: tuple[Any, ...],
                 kwargs: dict[str, Any]) -> Any:
-    n = r.text_size(value, "center")
-    r.check_chars(max(n, _int(_arg(args, kwargs, 0, "width", 80))), "center")
+    n = r.text_size(value, what)
+    r.check_chars(max(n, _int(_arg(args, kwargs, 0, "width", 80))), what)
     return value
 
 
-def _indent_pre(r: _Render, ctx: Any, value: Any, args: tuple[Any, ...],
+def _indent_pre(r: _Render, what: str, ctx: Any, value: Any, args: tuple[Any, ...],
                 kwargs: dict[str, Any]) -> Any:
-    n = r.text_size(value, "indent")
+    n = r.text_size(value, what)
     width = _arg(args, kwargs, 0, "width", 4)
-    width = r.text_size(width, "indent") if isinstance(width, str) else _int(width)
-    r.check_chars(width, "indent")
+    width = r.text_size(width, what) if isinstance(width, str) else _int(width)
+    r.check_chars(width, what)
     lines = _count_any(value, _LINE_BREAKS) + 2 if isinstance(value, str) else n + 2
-    r.check_chars(n + lines * width, "indent")
+    r.check_chars(n + lines * width, what)
     return value
 
 
-def _replace_pre(r: _Render, ctx: Any, value: Any, args: tuple[Any, ...],
+def _replace_pre(r: _Render, what: str, ctx: Any, value: Any, args: tuple[Any, ...],
                  kwargs: dict[str, Any]) -> Any:
-    n = r.text_size(value, "replace")
+    n = r.text_size(value, what)
     old = _arg(args, kwargs, 0, "old", "")
-    new = _arg(args, kwargs, 1, "new", "")
+    new_n = r.text_size(_arg(args, kwargs, 1, "new", ""), what)
     count = _arg(args, kwargs, 2, "count", None)
-    new_n = r.text_size(new, "replace")
-    old_s = old if isinstance(old, str) else None
-    hits = value.count(old_s) if isinstance(value, str) and old_s else n + 1
+    hits = value.count(old) if isinstance(value, str) and isinstance(old, str) and old \
+        else n + 1
     if isinstance(count, int) and count >= 0:
         hits = min(hits, count)
-    r.check_chars(n + hits * new_n, "replace")
+    r.check_chars(n + hits * new_n, what)
     return value
 
 
-def _wordwrap_pre(r: _Render, ctx: Any, value: Any, args: tuple[Any, ...],
+def _wordwrap_pre(r: _Render, what: str, ctx: Any, value: Any, args: tuple[Any, ...],
                   kwargs: dict[str, Any]) -> Any:
-    n = r.text_size(value, "wordwrap")
-    r.check_count(n, "wordwrap")
+    n = r.text_size(value, what)
+    _slow(r, n, what, r.limits.max_items)
     wrap = _arg(args, kwargs, 2, "wrapstring", None)
-    wrap_n = r.text_size(wrap, "wordwrap") if wrap is not None else 2
-    r.check_chars(n + (n + 1) * wrap_n, "wordwrap")
+    wrap_n = r.text_size(wrap, what) if wrap is not None else 2
+    r.check_chars(n + (n + 1) * wrap_n, what)
     return value
 
 
-def _urlize_pre(r: _Render, ctx: Any, value: Any, args: tuple[Any, ...],
+def _urlize_pre(r: _Render, what: str, ctx: Any, value: Any, args: tuple[Any, ...],
                 kwargs: dict[str, Any]) -> Any:
-    n = r.text_size(value, "urlize")
-    r.check_count(n, "urlize")
-    extra = sum(r.text_size(_arg(args, kwargs, i, key, ""), "urlize")
+    n = r.text_size(value, what)
+    _slow(r, n, what, r.limits.max_items)
+    extra = sum(r.text_size(_arg(args, kwargs, i, key, ""), what)
                 for i, key in ((2, "target"), (3, "rel")))
-    r.check_chars(3 * n + (n // 2 + 1) * (extra + 64), "urlize")
+    r.check_chars(3 * n + (n // 2 + 1) * (extra + 64), what)
     return value
 
 
-def _format_pre(r: _Render, ctx: Any, value: Any, args: tuple[Any, ...],
+def _format_pre(r: _Render, what: str, ctx: Any, value: Any, args: tuple[Any, ...],
                 kwargs: dict[str, Any]) -> Any:
-    r.text_size(value, "format")
-    fmt = value if isinstance(value, str) else str(value)
-    _printf_size(r, fmt, kwargs or args, "format")
+    r.text_size(value, what)
+    _printf_size(r, value if isinstance(value, str) else str(value), kwargs or args, what)
     return value
 
 
-def _json_pre(indent_arg: bool) -> _Pre:
-    def pre(r: _Render, ctx: Any, value: Any, args: tuple[Any, ...],
-            kwargs: dict[str, Any]) -> Any:
-        indent = _arg(args, kwargs, 0, "indent", None) if indent_arg else 1
-        width = r.text_size(indent, "tojson") if isinstance(indent, str) else _int(indent)
-        r.check_chars(width, "tojson")
-        r.text_size(value, "tojson" if indent_arg else "pprint", max(width, 0))
-        return value
-    return pre
+def _json_pre(r: _Render, what: str, ctx: Any, value: Any, args: tuple[Any, ...],
+              kwargs: dict[str, Any]) -> Any:
+    indent = _arg(args, kwargs, 0, "indent", None) if what == "tojson" else 1
+    width = r.text_size(indent, what) if isinstance(indent, str) else _int(indent)
+    r.check_chars(width, what)
+    n = r.text_size(value, what, max(width, 0))
+    if indent is not None:  # pprint, and json.dumps with an indent, run in Python
+        _slow(r, n, what, 4 * r.limits.max_items)
+    return value
 
 
 _FILTER_PRE: dict[str, _Pre] = {
-    "batch": _batch_pre, "slice": _slice_pre, "join": _join_pre, "sum": _sum_pre,
+    "batch": _batch_pre, "slice": _batch_pre, "join": _join_pre, "sum": _sum_pre,
     "center": _center_pre, "indent": _indent_pre, "replace": _replace_pre,
     "wordwrap": _wordwrap_pre, "urlize": _urlize_pre, "format": _format_pre,
-    "tojson": _json_pre(True), "pprint": _json_pre(False),
+    "tojson": _json_pre, "pprint": _json_pre,
     **{name: _items_pre for name in (
         "dictsort", "groupby", "items", "list", "map", "max", "min", "reject", "rejectattr",
         "select", "selectattr", "sort", "unique")},
     **{name: _text_pre() for name in (
         "capitalize", "lower", "upper", "trim", "truncate", "string", "safe")},
     **{name: _text_pre(6) for name in ("e", "escape", "forceescape", "xmlattr")},
-    **{name: _text_pre(12, slow=True) for name in ("urlencode",)},
+    "urlencode": _text_pre(12, slow=True),
     **{name: _text_pre(slow=True) for name in ("title", "striptags", "wordcount")},
 }
 
@@ -596,7 +597,7 @@ def _bounded_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
         r = _current()
         r.tick()
         if pre is not None:
-            value = pre(r, context, value, args, kwargs)
+            value = pre(r, name, context, value, args, kwargs)
         if pass_arg is _PassArg.context:
             result = func(context, value, *args, **kwargs)
         elif pass_arg is _PassArg.eval_context:
@@ -839,6 +840,7 @@ class _SandboxEnv(ImmutableSandboxedEnvironment):
 
 # -- the template's globals and filters ---------------------------------------------------
 def _raise_exception(message: Any) -> None:
+    _current().text_size(message, "raise_exception")
     text = str(message)
     if len(text) > _MESSAGE_CHARS:
         text = text[:_MESSAGE_CHARS] + "..."
