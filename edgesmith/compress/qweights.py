@@ -56,6 +56,7 @@ from edgesmith.errors import ModelError
 BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128)
 QUANTIZED_ATTR = "_edgesmith_quantized"  # on an in-memory HF model: {linear name: QuantizedLinear}
+QCONFIG_ATTR = "_edgesmith_quantization_config"  # ... and the pass's quantization_config
 
 
 @dataclass(frozen=True)
@@ -314,6 +315,11 @@ def attached(model: Any) -> dict[str, QuantizedLinear]:
     return dict(getattr(model, QUANTIZED_ATTR, None) or {})
 
 
+def set_quantization_config(model: Any, qconfig: dict[str, Any]) -> None:
+    """Record the ``quantization_config`` that ``save_model`` writes for ``model``."""
+    setattr(model, QCONFIG_ATTR, qconfig)
+
+
 # --- the GPTQ checkpoint on disk ------------------------------------------------------------
 def quantization_config(spec: QuantSpec, *, desc_act: bool, damp: float | None = None,
                         true_sequential: bool = True, modules: list[list[str]] | None = None,
@@ -390,9 +396,15 @@ class CheckpointWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def save_model(model: Any, dest: Path, qconfig: dict[str, Any], tokenizer: Any = None) -> Path:
-    """Save an in-memory HF model whose Linears carry ``attach``ed codes as a GPTQ checkpoint."""
+def save_model(model: Any, dest: Path, qconfig: dict[str, Any] | None = None,
+               tokenizer: Any = None) -> Path:
+    """Save an in-memory HF model whose Linears carry ``attach``ed codes as a GPTQ checkpoint
+    (``qconfig``: default the one ``set_quantization_config`` recorded)."""
     quantized = attached(model)
+    qconfig = qconfig or getattr(model, QCONFIG_ATTR, None)
+    if not quantized or qconfig is None:
+        raise ModelError("the model carries no quantized weights",
+                         "run a quantizing pass (gptq) before saving a GPTQ checkpoint")
     writer = CheckpointWriter(dest)
     try:
         for name, q in quantized.items():

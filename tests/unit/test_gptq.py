@@ -1,0 +1,306 @@
+"""GPTQ on tiny Llamas: error below RTN's, groups, act-order, the checkpoint, and the GGUF."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from edgesmith.compress import gptq, layerwise
+from edgesmith.compress import qweights as qw
+from edgesmith.compress.imatrix import CalibrationConfig
+from edgesmith.context import RunContext, make_progress
+from edgesmith.errors import ModelError
+from edgesmith.models import load_hf
+
+TRAIN_STEPS = 150  # about 30-60 s on two CPU cores, once: the result is cached
+
+
+def _train_tiny(dest: Path) -> None:
+    """A Llama (hidden 128, 2 layers) with its own 4096-token BPE tokenizer, both trained on
+    the calibration text: trained weights off any quantization grid, in under a minute."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from edgesmith.bench.quality import corpus
+
+    torch.manual_seed(0)
+    text = corpus("calibration")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([text], trainers.BpeTrainer(
+        vocab_size=4096, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>",
+                                  bos_token="<|endoftext|>")
+    config = AutoConfig.for_model(
+        "llama", hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=4096,
+        max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
+    model = AutoModelForCausalLM.from_config(config)
+    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
+    seq = 64
+    chunks = ids[: len(ids) // seq * seq].reshape(-1, seq)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(TRAIN_STEPS):
+        batch = chunks[torch.randint(0, len(chunks), (8,), generator=g)]
+        model(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, dest)
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_llama() -> Path:
+    """A tiny Llama trained on the calibration text, cached in the test cache."""
+    dest = Path(os.environ["EDGESMITH_CACHE"]) / f"tiny-trained-llama-{TRAIN_STEPS}"
+    if not (dest / "config.json").exists():
+        _train_tiny(dest)
+    return dest
+
+
+@pytest.fixture(params=["tiny_llama", "tiny_trained_llama"])
+def model_dir(request: pytest.FixtureRequest) -> Path:
+    return Path(request.getfixturevalue(request.param))
+
+
+def _ctx(tmp: Path, model_dir: Path, samples: int = 8, seq_len: int = 64) -> RunContext:
+    ctx = RunContext(out_dir=tmp, cache_dir=tmp, progress=make_progress(quiet=True), threads=2)
+    ctx.extras["calibration"] = CalibrationConfig(samples=samples, seq_len=seq_len)
+    ctx.extras["tokenizer"] = load_hf(model_dir)[1]
+    return ctx
+
+
+def _input_hessians(model: Any, tok: Any, samples: int = 8, seq_len: int = 64) \
+        -> dict[str, torch.Tensor]:
+    """``2 X X^T / n`` of every decoder Linear's inputs in ``model``, on the calibration chunks
+    the pass used, computed here with forward hooks on one whole-model forward (independently
+    of the pass's layer-by-layer machinery)."""
+    from edgesmith.bench.quality import corpus
+
+    ids = tok(corpus("calibration"), add_special_tokens=False)["input_ids"]
+    batch = torch.tensor(ids[: samples * seq_len]).reshape(samples, seq_len)
+    xs: dict[str, list[torch.Tensor]] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and ".layers." in name:
+            hooks.append(m.register_forward_pre_hook(
+                lambda _m, a, name=name: xs.setdefault(name, []).append(a[0].reshape(
+                    -1, a[0].shape[-1]).double())))
+    with torch.inference_mode():
+        model(input_ids=batch, use_cache=False)
+    for h in hooks:
+        h.remove()
+    out = {}
+    for name, parts in xs.items():
+        x = torch.cat(parts)
+        out[name] = (2.0 * x.T @ x / x.shape[0]).float()
+    return out
+
+
+SETTINGS = [
+    pytest.param(dict(bits=4, group_size=128, sym=True), id="w4g128sym"),
+    pytest.param(dict(bits=4, group_size=32, sym=True, act_order=True), id="w4g32sym-act"),
+    pytest.param(dict(bits=3, group_size=64, sym=False), id="w3g64asym"),
+    pytest.param(dict(bits=8, group_size=32, sym=True), id="w8g32sym"),
+]
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_gptq_layer_error_below_rtn(model_dir: Path, settings: dict[str, Any],
+                                    tmp_path: Path) -> None:
+    """Per Linear, GPTQ's Hessian-weighted error is below RTN's on the same grid.
+
+    The Hessian of a Linear is that of the inputs it gets with everything before it in the
+    forward already quantized (true-sequential): exactly the inputs it has in the final
+    fake-quantized model, where this test collects them with one plain forward."""
+    ctx = _ctx(tmp_path, model_dir)
+    model, tok = load_hf(model_dir)
+    original = {n: m.weight.detach().clone() for n, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    p = gptq.GPTQPass(gptq.GPTQConfig(**settings))
+    p.run(model, ctx)
+    quantized = qw.attached(model)
+    assert sorted(quantized) == sorted(original) == sorted(p.report["tensors"])
+    hessians = _input_hessians(model, tok)
+    spec = p.config.spec()
+    rec = {e["name"]: e for e in p.report["layers"]}
+    total_gptq = total_rtn = 0.0
+    for name, w in original.items():
+        q = quantized[name]
+        assert (q.bits, q.group_size, q.sym) == (spec.bits, spec.group_size, spec.sym)
+        assert torch.equal(model.get_submodule(name).weight, q.dequantize())
+        e_gptq = qw.weighted_error(w - q.dequantize(), hessians[name])
+        e_rtn = qw.weighted_error(w - qw.quantize_rtn(w, spec).dequantize(), hessians[name])
+        assert e_gptq < e_rtn, (name, e_gptq, e_rtn)
+        # the manifest's per-layer numbers are these
+        assert rec[name]["error"] == pytest.approx(e_gptq, rel=1e-3)
+        assert rec[name]["rtn_error"] == pytest.approx(e_rtn, rel=1e-3)
+        total_gptq += e_gptq
+        total_rtn += e_rtn
+    assert total_gptq < 0.85 * total_rtn, (total_gptq, total_rtn)
+
+
+def test_true_sequential_groups_and_act_order_static_groups(tiny_trained_llama: Path,
+                                                            tmp_path: Path) -> None:
+    ctx = _ctx(tmp_path, tiny_trained_llama)
+    plain = gptq.GPTQPass(gptq.GPTQConfig(bits=4, group_size=32))
+    act = gptq.GPTQPass(gptq.GPTQConfig(bits=4, group_size=32, act_order=True))
+    m_plain = plain.run(load_hf(tiny_trained_llama)[0], ctx)
+    m_act = act.run(load_hf(tiny_trained_llama)[0], ctx)
+    assert act.report["quantization_config"]["modules_in_block_to_quantize"] == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    qc = act.report["quantization_config"]
+    assert qc["desc_act"] is True and qc["static_groups"] is True
+    differ = 0
+    for name, q in qw.attached(m_act).items():
+        assert q.ordinal and q.gguf_type() == "Q4_0"  # static groups: still llama.cpp blocks
+        differ += not torch.equal(q.codes, qw.attached(m_plain)[name].codes)
+    assert differ == len(qw.attached(m_act))  # the column order changed every result
+
+
+def test_group_size_that_does_not_divide_names_the_layer(tmp_path: Path,
+                                                         tiny_trained_llama: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "llama", hidden_size=96, intermediate_size=192, num_hidden_layers=1,
+        num_attention_heads=3, num_key_value_heads=1, head_dim=32, vocab_size=4096,
+        tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(config)
+    ctx = _ctx(tmp_path, tiny_trained_llama)
+    with pytest.raises(ModelError) as err:
+        gptq.GPTQPass(gptq.GPTQConfig(group_size=64)).run(model, ctx)
+    msg = str(err.value)
+    assert "model.layers.0.self_attn.q_proj" in msg and "96 input features" in msg
+    assert "group_size in [32]" in msg
+    assert qw.attached(model) == {}  # refused before any layer was changed
+    with pytest.raises(ValidationError):
+        gptq.GPTQConfig(group_size=48)
+    with pytest.raises(ValidationError):
+        gptq.GPTQConfig(bits=5)
+
+
+def test_gptq_quantize_is_not_rtn_and_handles_dead_columns() -> None:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 128, generator=g)
+    # correlated inputs (activations are): what one column's rounding error can be made up for
+    x = torch.randn(512, 32, generator=g) @ torch.randn(32, 128, generator=g) \
+        + 0.1 * torch.randn(512, 128, generator=g)
+    x[:, 5] = 0.0  # a column no token uses
+    h = 2 * x.T @ x / 512
+    spec = qw.QuantSpec(4, 32, True)
+    q = gptq.gptq_quantize(w, h, spec)
+    rtn = qw.quantize_rtn(w, spec)
+    assert not torch.equal(q.codes, rtn.codes)
+    assert qw.weighted_error(w - q.dequantize(), h) < 0.7 * qw.weighted_error(
+        w - rtn.dequantize(), h)
+    assert torch.all(q.dequantize()[:, 5] == 0)  # a dead column costs nothing: set to 0
+    assert torch.isfinite(q.scales).all()
+
+
+def test_checkpoint_streams_and_loads_back(tiny_trained_llama: Path, tmp_path: Path) -> None:
+    """run_dir (layer by layer from the safetensors) writes a GPTQ checkpoint whose tensors load
+    back, through GPTQCheckpoint, equal to the in-memory pass's fake-quantized weights."""
+    ctx = _ctx(tmp_path, tiny_trained_llama)
+    cfg = gptq.GPTQConfig(bits=4, group_size=32, sym=False, act_order=True)
+    out = gptq.GPTQPass(cfg).run_dir(tiny_trained_llama, tmp_path / "ckpt", ctx)
+    mem = gptq.GPTQPass(cfg).run(load_hf(tiny_trained_llama)[0], ctx)
+    ckpt = qw.GPTQCheckpoint(out)
+    assert ckpt.quantized_names() == sorted(qw.attached(mem))
+    cfg_json = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg_json["quant_method"] == "gptq" and cfg_json["checkpoint_format"] == "gptq"
+    assert (cfg_json["bits"], cfg_json["group_size"], cfg_json["sym"], cfg_json["desc_act"]) \
+        == (4, 32, False, True)
+    for name in ckpt.quantized_names():
+        qweight = ckpt.tensor(f"{name}.qweight")
+        w = mem.get_submodule(name).weight
+        assert qweight.dtype == torch.int32 and qweight.shape == (w.shape[1] // 8, w.shape[0])
+        assert ckpt.tensor(f"{name}.scales").dtype == torch.float16
+        assert torch.equal(ckpt.tensor(f"{name}.g_idx"),
+                           torch.arange(w.shape[1], dtype=torch.int32) // 32)
+        assert torch.equal(ckpt.quantized(name).dequantize(), w)
+    assert not any(k.endswith("_proj.weight") for k in ckpt.weight_map)
+    # the plain model it dequantizes to computes what the fake-quantized model computes
+    plain = qw.dequantize_checkpoint(out, tmp_path / "plain")
+    m2, tok = load_hf(plain)
+    ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog.")["input_ids"]])
+    with torch.inference_mode():
+        assert torch.equal(m2(ids).logits, mem(ids).logits)
+    # and an in-memory model saves to the same checkpoint layout
+    saved = qw.GPTQCheckpoint(qw.save_model(mem, tmp_path / "saved", tokenizer=tok))
+    for name in ckpt.quantized_names():
+        for k in ("qweight", "qzeros", "scales", "g_idx"):
+            assert torch.equal(saved.tensor(f"{name}.{k}"), ckpt.tensor(f"{name}.{k}"))
+
+
+def test_gptq_q4_0_gguf_matches_the_fake_quantized_model(tiny_llama: Path,
+                                                         tmp_path: Path) -> None:
+    """GPTQ's codes reach the GGUF as Q4_0 blocks: llama.cpp's logits are the fake-quantized
+    torch model's (mean KLD < 1e-3); the exporter path: checkpoint -> plain -> F16 -> blocks."""
+    from edgesmith.bench.quality import kl_divergence
+    from edgesmith.bench.runners.llama_cpp import LlamaCppRunner
+    from edgesmith.bench.runners.torch import TorchRunner
+    from edgesmith.export import gguf_blocks
+    from edgesmith.export.gguf import GGUFExportConfig, GGUFExporter
+    from edgesmith.gguf_file import read_header
+
+    ctx = _ctx(tmp_path, tiny_llama)
+    ckpt_dir = gptq.GPTQPass(gptq.GPTQConfig(bits=4, group_size=32, act_order=True)).run_dir(
+        tiny_llama, tmp_path / "ckpt", ctx)
+    plain = qw.dequantize_checkpoint(ckpt_dir, tmp_path / "plain")
+    f16 = GGUFExporter(GGUFExportConfig(outtype="f16")).export(plain, ctx, tmp_path / "f.gguf")
+    ckpt = qw.GPTQCheckpoint(ckpt_dir)
+    res = gguf_blocks.write_quantized(
+        f16.path, tmp_path / "q.gguf",
+        {n: (lambda n=n: ckpt.quantized(n)) for n in ckpt.quantized_names()})
+    assert res["not_written"] == [] and len(res["written"]) == 14
+    types = {t.name: t.type for t in read_header(tmp_path / "q.gguf").tensors}
+    matmuls = {n for n in types if n.startswith("blk.") and "norm" not in n}
+    assert {w["tensor"] for w in res["written"]} == matmuls
+    assert {types[n] for n in matmuls} == {"Q4_0"} and types["token_embd.weight"] == "F16"
+    ref = TorchRunner().open(plain)
+    text = "Quantized weights on a small board: the codes GPTQ chose, written as blocks."
+    ids = ref.tokenize(text)
+    sess = LlamaCppRunner().open(tmp_path / "q.gguf", n_ctx=128, logits_all=True)
+    lp = sess.logprobs(ids)
+    sess.close()
+    kld = float(kl_divergence(ref.logprobs(ids), lp).mean())
+    assert kld < 1e-3, kld
+    # and that is not true of the unquantized model: the GGUF carries the quantization
+    orig = TorchRunner().open(tiny_llama)
+    assert float(kl_divergence(orig.logprobs(ids), lp).mean()) > 10 * kld
+    assert np.isfinite(lp).all()
+
+
+def test_layerwise_dir_source_holds_one_layer(tiny_trained_llama: Path, tmp_path: Path) -> None:
+    """The streaming source builds the model on the meta device and materializes one layer."""
+    source = layerwise.DirSource(tiny_trained_llama, torch.device("cpu"))
+    assert all(p.is_meta for p in source.skeleton.parameters())
+    tok = load_hf(tiny_trained_llama)[1]
+    batches = layerwise.calibration_batches(
+        tok, "one two three four five six seven eight nine ten " * 20, 4, 32, 2)
+    inputs = source.capture(batches)
+    assert [h.shape for h in inputs.hidden] == [(2, 32, 128)] * 2
+    model = load_hf(tiny_trained_llama)[0]
+    with torch.inference_mode():
+        ref = model.model.layers[0](inputs.hidden[0], **inputs.kwargs)
+    layer = source.load(0)
+    assert not any(p.is_meta for p in layer.parameters())
+    assert torch.equal(inputs.run(layer)[0], ref[0] if isinstance(ref, tuple) else ref)
+    source.release(0, layer)
+    assert all(p.is_meta for p in layer.parameters())
