@@ -95,3 +95,17 @@ def test_safe_builtins_still_work() -> None:
                      "{% else %}{% break %}{% endif %}{% endfor %}|{{ range(3)|list|length }}"
                      "|{{ strftime_now('%Y')|length }}|{{ 2 ** 10 }}|{{ '-' * 3 }}")
     assert t.render(MSGS) == "BE BRIEF.|3|4|1024|---"
+
+
+def test_the_server_passes_its_limits_through_from_metadata() -> None:
+    from edgesmith.device_server.templates import TemplateLimitError, TemplateLimits
+
+    meta = {"tokenizer.chat_template": "{% for i in range(100000) %}{% for j in range(100000) %}"
+                                       "{% endfor %}{% endfor %}"}
+    t = templates.from_metadata(meta, {}, TemplateLimits(deadline_s=0.2))
+    assert t.limits.deadline_s == 0.2
+    assert templates.from_metadata({}, {}).limits == TemplateLimits()  # 1 s by default
+    t0 = time.perf_counter()
+    with pytest.raises(TemplateLimitError, match=r"took over 0\.2 s to render"):
+        t.render(MSGS)
+    assert time.perf_counter() - t0 < 10
