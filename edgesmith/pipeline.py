@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgesmith import compress_report, manifest, models
+from edgesmith import compress_report, doctor, manifest, models
 from edgesmith.bench import quality
 from edgesmith.bench.runners.llama_cpp import LlamaCppRunner
 from edgesmith.compress import PASSES, imatrix
@@ -210,6 +210,9 @@ def compress(spec: str, recipe: Recipe, opts: Options, progress: Any) -> dict[st
     if not models.is_causal_lm(ref):
         raise ModelError(f"{spec} ({ref.architecture()}) is not a causal language model, so "
                          "compress cannot check its quality", "use `edgesmith export` for it")
+    # the doctor's header-only checks: an architecture, tokenizer, layer width or RAM fit that
+    # cannot work stops here, in seconds, instead of minutes into the run
+    doctor.preflight(spec, recipe, ref, ctx=512)  # fit: refuse only what cannot run at all
     outs = output_paths(ref, recipe, opts.out_dir)
     # an unfinished result in -o (a killed run's: see fsutil.Publication) needs no --force
     check_result_writable(opts.out_dir, [p.name for p in outs.values()], opts.force)
@@ -250,6 +253,8 @@ def compress(spec: str, recipe: Recipe, opts: Options, progress: Any) -> dict[st
             baseline = artifact
         elif step.kind == "format":
             assert artifact is not None
+            if getattr(step.config, "imatrix", False):  # names must be llama.cpp's tensors
+                imatrix.check_against_gguf(ctx.extras["imatrix"], artifact.path)
             with t.stage("quantize"):
                 artifact = _format_pass_cached(step, artifact, ctx, recipe, version)
     assert artifact is not None and baseline is not None
