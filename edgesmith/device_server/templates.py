@@ -114,7 +114,7 @@ _MESSAGE_CHARS = 1000  # of a raise_exception() message
 _SPACES = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004"
            "\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
 _LINE_BREAKS = "\n\x0b\x0c\r\x1c\x1d\x1e\x85\u2028\u2029"
-_PRINTF_SPEC = re.compile(r"%(?:\(([^)]*)\))?[#0 +-]*(\*|\d+)?(?:\.(\*|\d+))?[hlL]?(.)", re.S)
+_PRINTF_REST = re.compile(r"[#0 +-]*(\*|\d+)?(?:\.(\*|\d+))?[hlL]?(.)", re.S)
 _SPEC_NUMBER = re.compile(r"\d+")
 
 
@@ -198,8 +198,15 @@ class _Render:
         if isinstance(obj, str):
             if not exact:
                 return len(obj) + 2
-            # repr() escapes quotes and backslashes (x2), unprintable characters (up to x10)
-            return len(obj) * (2 if obj.isprintable() else 10) + 2
+            # repr() and JSON escape quotes, backslashes, line breaks and tabs with two
+            # characters, other unprintable characters with up to ten (\U000f0000)
+            n = len(obj) + obj.count("\\") + obj.count("'") + obj.count('"') + 2
+            if not obj.isprintable():
+                rest = obj.replace("\n", "").replace("\t", "").replace("\r", "")
+                if not rest.isprintable():
+                    return 10 * len(obj) + 2
+                n += len(obj) - len(rest)
+            return n
         if isinstance(obj, bool) or obj is None:
             return 5
         if isinstance(obj, int):
@@ -305,34 +312,55 @@ def _count_any(s: str | bytes, chars: str) -> int:
     return sum(s.count(c.encode()) for c in chars if c.isascii())
 
 
+def _printf_specs(fmt: str) -> Iterator[tuple[str | None, str | None, str | None]]:
+    """The (mapping key, width, precision) of each conversion of a %-format, parsed as
+    CPython does (a key may hold nested parentheses)."""
+    i, n = 0, len(fmt)
+    while True:
+        i = fmt.find("%", i) + 1
+        if not 0 < i < n:
+            return
+        key = None
+        if fmt[i] == "(":
+            depth, j = 1, i + 1
+            while j < n and depth:
+                depth += (fmt[j] == "(") - (fmt[j] == ")")
+                j += 1
+            key, i = fmt[i + 1:j - 1], j
+        m = _PRINTF_REST.match(fmt, i)
+        if m is None:
+            return
+        i = m.end()
+        if m.group(3) != "%":
+            yield key, m.group(1), m.group(2)
+
+
 def _printf_size(r: _Render, fmt: str, values: Any, what: str) -> int:
     """An upper bound of the length of ``fmt % values``."""
+    if fmt.count("%") > 2 * r.limits.max_items:
+        raise TemplateLimitError(f"has a %-format of over {r.limits.max_items} fields ({what})")
     mapping = values if isinstance(values, Mapping) else None
     args: tuple[Any, ...] = values if isinstance(values, tuple) else (values,)
+    escape = 6 if isinstance(fmt, Markup) else 1  # Markup % escapes the values
     total = len(fmt)
-    star = False
-    for m in _PRINTF_SPEC.finditer(fmt):
-        key, width, precision, conversion = m.groups()
-        if conversion == "%":
-            continue
+    pos = 0
+    for key, width, precision in _printf_specs(fmt):
         for number in (width, precision):
-            if number == "*":
-                star = True
+            if number == "*":  # taken from the values
+                star = args[pos] if key is None and pos < len(args) else 0
+                pos += 1
+                total += abs(star) if isinstance(star, int) else 0
             elif number:
                 if len(number) > 9:
                     raise r.too_big(what)
                 total += int(number)
-        if mapping is not None and key is not None:
-            total += r.text_size(mapping.get(key, ""), what)
-        r.check_chars(total, what)
-    if mapping is None:
-        for arg in args:
-            total += r.text_size(arg, what)
-            if isinstance(arg, float):
-                total += 330  # %f of 1e308
-            elif star and isinstance(arg, int):
-                total += abs(arg)
-            r.check_chars(total, what)
+        if key is not None:
+            value = mapping.get(key) if mapping is not None and key in mapping else None
+        else:
+            value = args[pos] if pos < len(args) else None
+            pos += 1
+        total += escape * r.text_size(value, what) + (330 if isinstance(value, float) else 0)
+        r.check_chars(total, what)  # 330: %f of 1e308
     return total
 
 
@@ -342,25 +370,27 @@ def _check_text_method(r: _Render, s: str | bytes, name: str, args: tuple[Any, .
     """Estimate a str/bytes method's result before it runs (what it builds in one step)."""
     what = f"str.{name}"
     n = len(s)
+    escape = 6 if isinstance(s, Markup) else 1  # Markup's methods escape their arguments
     estimate = 0
     if name in ("center", "ljust", "rjust", "zfill"):
         estimate = max(n, _int(_arg(args, kwargs, 0, "width", 0)))
     elif name == "expandtabs":
         tab = "\t" if isinstance(s, str) else b"\t"
         estimate = n + s.count(tab) * max(_int(_arg(args, kwargs, 0, "tabsize", 8)), 0)  # type: ignore[arg-type]
-    elif name == "replace" and len(args) >= 2 and type(args[0]) is type(args[1]) is type(s):
+    elif name == "replace" and len(args) >= 2 \
+            and isinstance(args[0], type(s[:0])) and isinstance(args[1], type(s[:0])):
         old, new = args[0], args[1]
         count = _int(_arg(args, kwargs, 2, "count", -1))
         hits = s.count(old) if old else n + 1
         if count >= 0:
             hits = min(hits, count)
-        estimate = n + hits * max(len(new) - len(old), 0)
+        estimate = n + hits * escape * len(new)
     elif name == "join" and args:
         r.check_items(args[0], what)
         items = args[0] if isinstance(args[0], (list, tuple)) else list(args[0])
         r.check_count(len(items), what)
         args = (items, *args[1:])
-        estimate = sum(len(x) for x in items if isinstance(x, (str, bytes))) \
+        estimate = escape * sum(len(x) for x in items if isinstance(x, (str, bytes))) \
             + max(len(items) - 1, 0) * n
     elif name in ("split", "rsplit", "splitlines"):
         if name == "splitlines":

@@ -66,6 +66,8 @@ BOMBS = {  # item 6: every intermediate value, not only the output
     "format filter": "{{ '%2000000000s'|format('x') }}",
     "% operator": "{{ '%2000000000d' % 1 }}",
     "str.format": "{{ '{:>2000000000}'.format('x') }}",
+    "% with a nested key": "{{ '%((a))2000000000s' % {'(a)': 'x'} }}",
+    "Markup.replace": "{{ (('x' * 1000000)|safe).replace('x', 'y' * 10000) }}",
     "indent": "{{ ('x\\n' * 500000)|indent(5000) }}",
     "tojson indent": "{{ [[[[1]]]]|tojson(indent=2000000000) }}",
     "set block output": "{% set ns = namespace(s='x') %}{% for i in range(20) %}"
