@@ -156,6 +156,41 @@ def export(
         err.print(f"[green]wrote[/] {art.path} ({result['size_bytes'] / 1e6:.1f} MB)")
 
 
+@app.command()
+def doctor(
+    model: str = typer.Argument(..., help="HF model directory, .gguf file, or builtin:NAME."),
+    target: str = typer.Option(None, "--target", "-t", help="Device (its formats are checked)."),
+    recipe_path: str = typer.Option(None, "--recipe", "-r", help="Recipe name or YAML file."),
+    ctx: int = typer.Option(4096, "--ctx", min=1, help="Context length for the RAM fit."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle",
+                                      help="Allow pickle checkpoints (can execute code)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON on stdout."),
+) -> None:
+    """Say what will and will not work for a model, before any heavy work (headers only).
+
+    One table per target format: can the architecture be converted, do the layers' widths
+    suit the recipe's block and group sizes, does it fit the target's RAM at --ctx, which
+    tokenizer and chat template it has, what is missing. Exits 2 if a check fails; compress
+    runs the same checks first.
+
+    Example: edgesmith doctor ./my-hf-model --target raspberry-pi-5 --ctx 4096
+    """
+    from edgesmith import doctor as doc
+    from edgesmith import recipe
+    from edgesmith.targets import profile
+
+    if target and recipe_path:
+        raise RecipeError("pass at most one of --target or --recipe",
+                          "e.g. --target raspberry-pi-5, or --recipe recipes/FILE.yaml")
+    rec = recipe.load(recipe_path) if recipe_path else \
+        recipe.for_target(target) if target and profile.load(target).default_recipe else None
+    rep = doc.run(model, target_name=target, recipe=rec, ctx=ctx, allow_pickle=allow_pickle)
+    if not _emit(rep.as_dict(), as_json):
+        doc.render(rep, err)
+    if rep.failures:
+        raise typer.Exit(2)
+
+
 @targets_app.command("list")
 def targets_list(as_json: bool = typer.Option(False, "--json")) -> None:
     """List device profiles. Example: edgesmith targets list"""
