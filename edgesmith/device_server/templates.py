@@ -105,7 +105,7 @@ class TemplateLimitError(TemplateRenderError):
 
 _ITER_BYTES = 8  # charged per loop iteration: the slot of what one iteration may keep
 _CALL_BYTES = 64  # per call
-_SLOT_BYTES = 64  # per entry of a new container: the small fresh object it may hold
+_SLOT_BYTES = 64  # per entry of a container a call or filter made: the small object it may hold
 _MACRO_BYTES = 1024  # per macro definition executed (a function, its closure)
 _MAX_DEPTH = 200  # nesting of a value whose size is measured
 _TICK_EVERY = 1024  # entries measured between two deadline checks
@@ -261,8 +261,11 @@ class _Render:
             cache[id(obj)] = (obj, total)
         return total
 
-    def admit(self, value: Any, what: str) -> Any:
-        """A value an operation produced: check its size and charge its memory."""
+    def admit(self, value: Any, what: str, fresh: bool = False, size: int | None = None
+              ) -> Any:
+        """A value an operation produced: check its size and charge its memory (``fresh``:
+        a container whose entries the operation may have made, as ``str.split`` does;
+        ``size``: its size, known from its parts', so not measured again)."""
         if isinstance(value, str):
             if len(value) > self.limits.max_value_chars:
                 raise self.too_big(what)
@@ -271,8 +274,12 @@ class _Render:
                 self.charge(0)
         elif isinstance(value, (list, tuple, dict, set, frozenset)):
             self.check_count(len(value), what)
-            self.size(value, what)
-            self.charge(sys.getsizeof(value) + _SLOT_BYTES * len(value))
+            if size is None or self.sizes is None:
+                self.size(value, what)
+            else:  # a list built of lists: measuring it would be quadratic in a loop
+                self.check_chars(size, what)
+                self.sizes[id(value)] = (value, size)
+            self.charge(sys.getsizeof(value) + (_SLOT_BYTES * len(value) if fresh else 0))
         elif isinstance(value, int) and not isinstance(value, bool):
             if value.bit_length() > self.limits.max_int_bits:
                 raise TemplateLimitError(
@@ -403,7 +410,7 @@ def _check_text_method(r: _Render, s: str | bytes, name: str, args: tuple[Any, .
             if maxsplit >= 0:
                 pieces = min(pieces, maxsplit + 1)
         r.check_count(pieces, what)
-        r.charge(sys.getsizeof(s) + _SLOT_BYTES * pieces)  # the pieces' own text
+        r.charge(sys.getsizeof(s))  # the pieces' own text
     elif name == "encode":
         estimate = 10 * n  # unicode_escape: \U0001f600
     elif name == "translate" and args:
@@ -636,7 +643,7 @@ def _bounded_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
             result = func(context.environment, value, *args, **kwargs)
         else:
             result = func(value, *args, **kwargs)
-        return r.admit(result, what)
+        return r.admit(result, what, fresh=True)
 
     update_wrapper(bounded, func)
     # a context filter is never run at compile time (constant folding), outside the limits
@@ -759,15 +766,18 @@ class _SandboxEnv(ImmutableSandboxedEnvironment):
             r.charge(sys.getsizeof(result))
             return result
         what = f"{operator!r}"
+        known = None  # the size of a list or tuple result
         if operator == "+":
             if isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
-                r.check_chars(r.size(left, what) + r.size(right, what), what)
+                known = r.size(left, what) + r.size(right, what)
+                r.check_chars(known, what)
                 if isinstance(left, (list, tuple)):
                     r.check_count(len(left) + len(right), what)
         elif operator == "*":
             for seq, n in ((left, right), (right, left)):
                 if isinstance(seq, (str, bytes, list, tuple)) and isinstance(n, int) and n > 0:
-                    r.check_chars(r.size(seq, what) * n, what)
+                    known = r.size(seq, what) * n
+                    r.check_chars(known, what)
                     if isinstance(seq, (list, tuple)):
                         r.check_count(len(seq) * n, what)
             if isinstance(left, int) and isinstance(right, int) \
@@ -781,7 +791,8 @@ class _SandboxEnv(ImmutableSandboxedEnvironment):
                                          f"{r.limits.max_int_bits} bits ({what})")
         elif operator == "%" and isinstance(left, str):
             _printf_size(r, left, right, what)
-        return r.admit(super().call_binop(context, operator, left, right), what)
+        result = super().call_binop(context, operator, left, right)
+        return r.admit(result, what, size=known if isinstance(result, (list, tuple)) else None)
 
     def call_unop(self, context: Any, operator: str, arg: Any) -> Any:
         return _current().admit(super().call_unop(context, operator, arg), f"{operator!r}")
@@ -838,7 +849,7 @@ class _SandboxEnv(ImmutableSandboxedEnvironment):
                 r.check_chars(_int(_arg(args, kwargs, 0, "length", 1)), "int.to_bytes")
             elif name == "fromkeys" and args:
                 r.check_items(args[0], "dict.fromkeys")
-        return r.admit(context.call(obj, *args, **kwargs), f"a call of {name}")
+        return r.admit(context.call(obj, *args, **kwargs), f"a call of {name}", fresh=True)
 
     def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
         """``str.format``/``format_map``, as the sandbox's, with a formatter that bounds the

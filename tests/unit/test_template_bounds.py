@@ -526,6 +526,26 @@ def test_real_templates_render_as_in_the_plain_sandbox(source: str, conversation
         assert template.render(messages, add_generation_prompt) == expected
 
 
+ACCUMULATING = (  # builds a list and a string message by message, as some templates do
+    "{% set ns = namespace(seen=[], text='') %}{% for m in messages %}"
+    "{% set ns.seen = ns.seen + [m] %}{% set ns.text = ns.text ~ m.role[0] %}"
+    "{{ ns.seen|length }}:{{ m.content|trim }}\n{% endfor %}{{ ns.text }}{{ messages|tojson }}")
+
+
+@pytest.mark.parametrize("source", [SMOLLM2, LLAMA32, QWEN25, KITCHEN_SINK, ACCUMULATING],
+                         ids=["smollm2", "llama3.2", "qwen2.5", "kitchen-sink", "accumulating"])
+def test_a_large_conversation_renders_within_the_limits(source: str) -> None:
+    # 2000 messages, about 1 MB of prompt: the server's largest request body by default.
+    # The size and memory limits are under test, not this machine's speed: a long deadline.
+    from edgesmith.device_server.templates import TemplateLimits
+
+    messages = [{"role": ("user", "assistant")[i % 2], "content": f"{i}: " + "lorem ipsum " * 40}
+                for i in range(2000)]
+    template = ChatTemplate(source, limits=TemplateLimits(deadline_s=60))
+    assert template.render(messages) == plain_sandbox(source).render(
+        messages=messages, add_generation_prompt=True, bos_token="", eos_token="")
+
+
 def test_packaged_smollm2_gguf_template_renders_as_in_the_plain_sandbox() -> None:
     pytest.importorskip("gguf")
     from gguf import GGUFReader
