@@ -93,3 +93,37 @@ def test_gguf_input_reads_the_header_only(tmp_path: Path) -> None:
     assert checks["model:chat template"].status == "ok"
     assert "gguf:converter" not in checks  # already GGUF: nothing to convert
     assert rep.seconds < 30  # a hang guard, not a speed assertion
+
+
+def _cli(*args: str):  # type: ignore[no-untyped-def]
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "edgesmith.cli", *args], capture_output=True,
+                          text=True, env={**os.environ, "COLUMNS": "200"}, timeout=600)
+
+
+def test_cli_doctor_json_and_exit_codes(tiny_llama: Path, tmp_path: Path) -> None:
+    ok = _cli("doctor", str(tiny_llama), "--target", "raspberry-pi-5", "--json")
+    assert ok.returncode == 0, ok.stderr
+    rep = json.loads(ok.stdout)
+    assert rep["ok"] is True and rep["recipe"] == "raspberry-pi-5-q4km"
+    assert {c["name"] for c in rep["checks"]} >= {"converter", "pre-tokenizer", "fits RAM"}
+    table = _cli("doctor", str(tiny_llama), "--target", "webgpu-browser")
+    assert table.returncode == 2 and "no onnx exporter" in table.stderr
+    assert "format gguf" not in table.stderr and "format onnx" in table.stderr
+
+
+def test_compress_stops_at_once_with_the_doctors_line(tiny_llama: Path, tmp_path: Path) -> None:
+    d = tmp_path / "m"
+    shutil.copytree(tiny_llama, d)
+    tj = json.loads((d / "tokenizer.json").read_text())
+    tj["pre_tokenizer"] = {"type": "Whitespace"}
+    (d / "tokenizer.json").write_text(json.dumps(tj))
+    p = _cli("compress", str(d), "--target", "raspberry-pi-5", "-o", str(tmp_path / "out"))
+    assert p.returncode == 2
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and "pre-tokenizer" in errors[0] and "edgesmith doctor" in errors[0]
+    assert "Traceback" not in p.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
