@@ -55,7 +55,7 @@ import jinja2
 from jinja2 import nodes
 from jinja2.compiler import CodeGenerator, Frame, optimizeconst
 from jinja2.filters import make_attrgetter
-from jinja2.runtime import LoopContext, Undefined
+from jinja2.runtime import LoopContext, Macro, Undefined
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedFormatter, SecurityError
 from jinja2.utils import Namespace, _PassArg, pass_context
 from markupsafe import EscapeFormatter, Markup
@@ -188,11 +188,7 @@ class _Render:
         if isinstance(value, str):
             self.check_chars(len(value), what)
             return len(value)
-        if not indent and self.sizes is not None:
-            known = self.sizes.get(id(value))  # every escape at most 10 characters
-            if known is not None and known[1] * 10 <= self.limits.max_value_chars:
-                return known[1] * 10
-        return self._measure(value, True, indent, 0, what)
+        return self._measure(value, True, indent, 0, what)  # as long to walk as to print
 
     def _measure(self, obj: Any, exact: bool, indent: int, depth: int, what: str) -> int:
         if isinstance(obj, str):
@@ -429,8 +425,8 @@ def _check_text_method(r: _Render, s: str | bytes, name: str, args: tuple[Any, .
 
 
 def _name(obj: Any) -> str:
-    name = getattr(obj, "__name__", None) or getattr(obj, "name", None)
-    return str(name) if name else type(obj).__name__
+    name = obj.name if isinstance(obj, Macro) else getattr(obj, "__name__", None)
+    return name[:64] if isinstance(name, str) and name else type(obj).__name__
 
 
 class _BoundedFormatter(SandboxedFormatter):
