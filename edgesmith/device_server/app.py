@@ -171,7 +171,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> Flask:
         except TemplateRenderError as exc:
             raise ApiError(500, exc.message, "server_error") from None
         except ControlTokenText as exc:
-            where = f"messages.{exc.index}.content"
+            where = "messages" if exc.index is None else f"messages.{exc.index}.content"
             raise ApiError(400, f"{where}: {exc.message}", param=where,
                            code="control_token_in_content") from None
 

@@ -144,8 +144,8 @@ def register(app: Flask, engine: Any, config: Any, read_body: Callable[[], Any])
         req = openai_api.parse(BenchRequest, read_body())
         n_ctx = req.prompt_tokens + req.gen_tokens
         if n_ctx > engine.n_ctx:
-            raise ApiError(400, f"prompt_tokens + gen_tokens ({n_ctx}) exceed the server's "
-                                f"context of {engine.n_ctx} tokens", param="gen_tokens",
+            raise ApiError(400, f"gen_tokens: prompt_tokens + gen_tokens ({n_ctx}) exceed the "
+                                f"server's context of {engine.n_ctx} tokens", param="gen_tokens",
                            code="context_length_exceeded")
         if not busy.acquire(blocking=False):
             raise ApiError(409, "a benchmark is already running; retry when it has finished",

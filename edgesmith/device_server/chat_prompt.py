@@ -12,10 +12,10 @@ which splits its output into the template's own pieces and the content slots bet
   between the template's pieces (as given, or trimmed, as templates using ``|trim`` show them),
   and the prompt is the template's pieces tokenized with ``special=True`` and the contents with
   ``special=False``, concatenated: the text stays, the control tokens go.
-- A template whose output cannot be split that way (it inspects or rewrites the content) and a
-  content that spells a control token: the request is refused (``ControlTokenText``) rather
-  than tokenized unsafely. With no content spelling one, such a template's chat is tokenized
-  as rendered (its pieces differ from the markers' only because it tests the content).
+- Otherwise (the template rewrites the content beyond trimming, so its control tokens cannot be
+  told from the content's) the request is refused (``ControlTokenText``), not tokenized
+  unsafely. A template that fails on the markers (it checks the content itself) is compared
+  per message instead: refused if a content spells a control token, else tokenized as rendered.
 """
 
 from __future__ import annotations
@@ -32,13 +32,16 @@ Tokenize = Callable[[str, bool], list[int]]  # (text, special) -> ids, no BOS/EO
 
 
 class ControlTokenText(EdgesmithError):
-    """A message's content spells a control token the template does not let us keep as text."""
+    """Content that would become control tokens, which the template does not let us keep as
+    text; ``index``: the message whose content spells one (None: the template builds one out
+    of the content)."""
 
-    def __init__(self, index: int) -> None:
-        super().__init__(f"the content of message {index} spells one of the model's control tokens "
-                         "(such as <|im_start|>), and this model's chat template does not let "
-                         "the server keep it as plain text",
-                         "remove the control token text from the message")
+    def __init__(self, index: int | None) -> None:
+        what = (f"the content of message {index} spells one of the model's control tokens "
+                "(such as <|im_start|>)" if index is not None else
+                "the model's chat template turns the messages' content into control tokens")
+        super().__init__(f"{what}, and this model's chat template does not let the server keep "
+                         "it as plain text", "remove the control token text from the messages")
         self.index = index
 
 
@@ -47,7 +50,9 @@ def _split(template: ChatTemplate, messages: list[dict[str, Any]]
     """The template's output with markers for contents: (its own pieces, the message index of
     each slot between them); None if the template fails on the markers."""
     nonce = uuid.uuid4().hex
-    marked = [{**m, "content": f"\ue000{nonce}:{i}\ue001"} for i, m in enumerate(messages)]
+    # an empty content stays empty, so `{% if message.content %}` takes the same branch
+    marked = [{**m, "content": f"\ue000{nonce}:{i}\ue001" if m.get("content") else ""}
+              for i, m in enumerate(messages)]
     try:
         out = template.render(marked)
     except EdgesmithError:  # the template looks inside the content: no split
@@ -100,8 +105,8 @@ def prompt_tokens(template: ChatTemplate, messages: list[dict[str, Any]], tokeni
             return finish(ids)
     spelled = [i for i, m in enumerate(messages)
                if controls(tokenize(str(m.get("content") or ""), True))]
-    if not spelled:
-        # no content spells a control token by itself; the template's pieces differ because
-        # its output depends on the content (`{% if message.content %}`): as rendered
+    if split is None and not spelled:
+        # the template refuses the markers (it checks the content), and no content spells a
+        # control token by itself: as rendered
         return whole(text)
-    raise ControlTokenText(spelled[0])
+    raise ControlTokenText(spelled[0] if spelled else None)

@@ -302,6 +302,12 @@ BAD = [
     ("malformed JSON", "POST", CHAT, b'{"messages": [', KEY, 400, "invalid_request_error",
      "not valid JSON"),
     ("not an object", "POST", CHAT, b"[1, 2]", KEY, 400, "invalid_request_error", "JSON object"),
+    ("deeply nested", "POST", CHAT, b'{"messages": ' + b"[" * 10000, KEY, 400,
+     "invalid_request_error", "nests arrays/objects 10001 deep"),
+    ("lone surrogate", "POST", CHAT, b'{"messages": [{"role": "user", "content": "\\ud800"}]}',
+     KEY, 400, "invalid_request_error", "^messages.0.content: .*surrogate"),
+    ("stop too long", "POST", "/v1/completions", {"prompt": "x", "stop": ["y" * 257]}, KEY, 400,
+     "invalid_request_error", "^stop: .*at most 256"),
     ("wrong type", "POST", CHAT, {"messages": MSG, "max_tokens": "5"}, KEY, 400,
      "invalid_request_error", "^max_tokens"),
     ("wrong type nested", "POST", CHAT, {"messages": [{"role": "user", "content": 3}]}, KEY,
@@ -531,7 +537,8 @@ def test_serve_help_has_an_example() -> None:
     p = cli("serve", "--help")
     assert p.returncode == 0 and "Example: edgesmith serve" in p.stdout
     for opt in ("--host", "--port", "--api-key-file", "--threads", "--ctx", "--queue-size",
-                "--max-tokens", "--dev"):
+                "--max-tokens", "--dev", "--max-connections", "--max-connections-per-client",
+                "--request-timeout-s"):
         assert opt in p.stdout, opt
 
 

@@ -102,9 +102,8 @@ def test_body_must_be_an_object(body: Any) -> None:
 
 
 def test_too_many_stop_strings() -> None:
-    req = api.parse(api.ChatRequest, {**CHAT, "stop": ["a", "b", "c", "d", "e"]})
-    with pytest.raises(ApiError, match="at most 4"):
-        api.sampling(req, 3, 100, 50)
+    err = bad(api.ChatRequest, {**CHAT, "stop": ["a", "b", "c", "d", "e"]})
+    assert err.param == "stop" and err.message == "stop: at most 4 stop sequences"
 
 
 def test_context_and_max_tokens_limits() -> None:
