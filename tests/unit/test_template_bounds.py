@@ -547,17 +547,13 @@ def test_a_large_conversation_renders_within_the_limits(source: str) -> None:
 
 
 def test_packaged_smollm2_gguf_template_renders_as_in_the_plain_sandbox() -> None:
-    pytest.importorskip("gguf")
-    from gguf import GGUFReader
-
-    from edgesmith import models
+    from edgesmith import gguf_file, models
 
     try:
         path = models.resolve("builtin:smollm2-135m").path
     except Exception as exc:  # the optional model package is not installed
         pytest.skip(f"no packaged SmolLM2 GGUF: {exc}")
-    field = GGUFReader(str(path)).fields["tokenizer.chat_template"]
-    source = bytes(field.parts[field.data[0]]).decode()
+    source = gguf_file.read_header(path).fields["tokenizer.chat_template"]
     assert source == SMOLLM2
     for messages in CONVERSATIONS:
         assert ChatTemplate(source).render(messages) == plain_sandbox(source).render(
