@@ -21,6 +21,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from edgesmith.device_server.http_server import Limits
 from edgesmith.errors import EdgesmithError, ModelError
 
 err = Console(stderr=True)
@@ -105,7 +106,6 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8080,
           max_connections_per_client: int = 64, request_timeout_s: float = 20.0) -> None:
     """Load ``model`` and serve it until SIGINT/SIGTERM (the Python API of `edgesmith serve`)."""
     from edgesmith.device_server.app import ServerConfig, create_app
-    from edgesmith.device_server.http_server import Limits
 
     if max_connections_per_client > max_connections:
         raise ServeError(f"--max-connections-per-client ({max_connections_per_client}) is "
@@ -145,7 +145,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8080,
     err.print("stopped", markup=False, soft_wrap=True)
 
 
-def _waitress(app: Any, sock: socket.socket, config: Any, limits: Any) -> None:
+def _waitress(app: Any, sock: socket.socket, config: Any, limits: Limits) -> None:
     from edgesmith.device_server.http_server import make_server
 
     metrics = app.extensions["edgesmith_engine"].metrics

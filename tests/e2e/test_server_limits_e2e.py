@@ -145,16 +145,15 @@ def test_slowloris_beyond_the_limit_leaves_health_answering(start: object) -> No
     socks = half_sent(server.port, 120)
     try:
         time.sleep(1.5)  # they are idle now, the way an attacker leaves them
-        states = Counter(state(s) for s in socks)
-        # the default per-client limit holds 64; the others were answered 503 at once (or
-        # reset, when their request arrived after the server closed them)
-        assert states["open"] == 64 and states["503 too_many_connections"] >= 1, states
-        assert states["open"] + states["503 too_many_connections"] + states["eof"] == 120
         # /health answers within 2 s from the same address (a waiting connection gives way)
         # and from another host's address
         assert health(server.port, timeout=2.0) == 200
         assert health(server.port, "127.0.0.2", timeout=2.0) == 200
-        assert sum(state(s) == "open" for s in socks) >= 60  # they are still open
+        # the default per-client limit holds 64 (one gave way to /health); the others were
+        # answered 503 at once (or reset, when their request arrived after the close)
+        states = Counter(state(s) for s in socks)
+        assert 60 <= states["open"] <= 63 and states["503 too_many_connections"] >= 1, states
+        assert states["open"] + states["503 too_many_connections"] + states["eof"] == 120
     finally:
         for s in socks:
             s.close()
