@@ -137,7 +137,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, spec: qw.QuantSpec, dam
             codes[:, col] = q
             Q1[:, i] = (q - z) * s
             err = (w - Q1[:, i]) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1.0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     if perm is not None:
@@ -162,19 +162,25 @@ class _GPTQLayers:
         mods = dict(layerwise.linears(layer))
         for name, m in mods.items():  # fail before any work on a width that does not fit
             self.spec.check(f"{prefix}.{name}", m.in_features)
-        groups = layerwise.sequential_groups(layer, inputs) if self.config.true_sequential \
-            else [list(mods)]
+        if not self.config.true_sequential:
+            groups = [list(mods)]
+        elif sorted(n for g in self.groups for n in g) == sorted(mods):
+            groups = self.groups  # decoder layers are alike: found once, on layer 0
+        else:
+            groups = layerwise.sequential_groups(layer, inputs)
         if index == 0:
             self.groups = groups
         for group in groups:
-            hessians = {n: Hessian(mods[n].in_features, mods[n].weight.device) for n in group}
-            hooks = [mods[n].register_forward_pre_hook(
-                lambda _m, args, h=hessians[n]: h.add(args[0])) for n in group]
-            try:
-                inputs.run(layer)
-            finally:
-                for h in hooks:
-                    h.remove()
+            if self.config.true_sequential:  # one input, so one Hessian, for the whole group
+                h = Hessian(mods[group[0]].in_features, mods[group[0]].weight.device)
+                layerwise.collect(layer, inputs, {group[0]: mods[group[0]]},
+                                  lambda _n, x, h=h: h.add(x), stop=True)
+                hessians = dict.fromkeys(group, h)
+            else:
+                hessians = {n: Hessian(mods[n].in_features, mods[n].weight.device)
+                            for n in group}
+                layerwise.collect(layer, inputs, {n: mods[n] for n in group},
+                                  lambda n, x, hs=hessians: hs[n].add(x))
             for n in group:
                 self._quantize(f"{prefix}.{n}", mods[n], hessians[n].H)
 

@@ -50,6 +50,37 @@ class LayerInputs:
         return outs
 
 
+class _Stop(Exception):
+    """Ends a layer's forward once the inputs wanted have been seen."""
+
+
+def collect(layer: torch.nn.Module, inputs: LayerInputs, modules: dict[str, torch.nn.Module],
+            on_input: Callable[[str, torch.Tensor], None], stop: bool = False) -> None:
+    """Run ``layer`` on every batch, calling ``on_input(name, x)`` with each of ``modules``'
+    inputs; with ``stop``, the forward ends right after the last of them (the rest of the
+    layer is not computed)."""
+    left: set[str] = set()
+
+    def hook(name: str) -> Callable[..., None]:
+        def fn(_m: Any, args: tuple[Any, ...]) -> None:
+            on_input(name, args[0])
+            left.discard(name)
+            if stop and not left:
+                raise _Stop
+        return fn
+
+    hooks = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    try:
+        with torch.inference_mode():
+            for h in inputs.hidden:
+                left.update(modules)
+                with contextlib.suppress(_Stop):
+                    layer(h, **inputs.kwargs)
+    finally:
+        for hk in hooks:
+            hk.remove()
+
+
 class LayerPass(Protocol):
     def process(self, index: int, prefix: str, layer: torch.nn.Module,
                 inputs: LayerInputs) -> None:
@@ -241,6 +272,7 @@ class DirSource:
 
     def release(self, i: int, layer: torch.nn.Module) -> None:
         layer.to("meta")
+        self._files.clear()  # unmap: the pages read stay in the page cache, not in our RSS
 
     def close(self) -> None:
         self._files.clear()
