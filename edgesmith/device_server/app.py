@@ -62,6 +62,7 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20
     api_key: str | None = None  # the key itself (the CLI reads it from --api-key-file)
     model_id: str | None = None  # name in /v1/models; default: the file's stem
+    template_deadline_s: float = 1.0  # wall-clock limit of one chat template render
 
     def __post_init__(self) -> None:
         self.model = Path(self.model)
@@ -69,6 +70,8 @@ class ServerConfig:
             self.threads = default_threads()
         if not self.model_id:
             self.model_id = self.model.stem
+        if not self.template_deadline_s > 0:
+            raise ValueError("ServerConfig.template_deadline_s must be > 0")
         for name in ("n_ctx", "queue_size", "max_tokens", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ServerConfig.{name} must be >= 1")
@@ -86,8 +89,11 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> Flask:
     """The app for ``config``; loads the model unless an ``engine`` is given."""
     metrics = Metrics()
     if engine is None:
+        from edgesmith.device_server.templates import TemplateLimits
+
         engine = Engine(Path(config.model), n_ctx=config.n_ctx, threads=config.threads,
-                        queue_size=config.queue_size, metrics=metrics)
+                        queue_size=config.queue_size, metrics=metrics,
+                        template_limits=TemplateLimits(deadline_s=config.template_deadline_s))
     else:
         metrics = engine.metrics
     model_id = str(config.model_id)

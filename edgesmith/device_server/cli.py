@@ -103,7 +103,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8080,
           api_key_file: Path | None = None, threads: int = 0, ctx: int = 2048,
           queue_size: int = 8, max_tokens: int = 512, max_body_bytes: int = 1 << 20,
           model_id: str | None = None, dev: bool = False, max_connections: int = 512,
-          max_connections_per_client: int = 64, request_timeout_s: float = 20.0) -> None:
+          max_connections_per_client: int = 64, request_timeout_s: float = 20.0,
+          template_timeout_s: float = 1.0) -> None:
     """Load ``model`` and serve it until SIGINT/SIGTERM (the Python API of `edgesmith serve`)."""
     from edgesmith.device_server.app import ServerConfig, create_app
 
@@ -122,7 +123,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8080,
                   markup=False, highlight=False, soft_wrap=True)
     config = ServerConfig(model=path, n_ctx=ctx, threads=threads, queue_size=queue_size,
                           max_tokens=max_tokens, max_body_bytes=max_body_bytes,
-                          api_key=api_key, model_id=model_id)
+                          api_key=api_key, model_id=model_id,
+                          template_deadline_s=template_timeout_s)
     sock = bind(host, port)
     try:
         err.print(f"loading {path} (ctx {ctx}, threads {config.threads})...",
@@ -196,6 +198,10 @@ def register(app: typer.Typer) -> None:
             20.0, "--request-timeout-s", min=0.5,
             help="Seconds a request's line, headers and body may take to arrive (else 408); "
                  "idle connections close after as long."),
+        template_timeout: float = typer.Option(
+            1.0, "--template-timeout", min=0.01,
+            help="Seconds one chat template render may take (else the request fails with "
+                 "the template's error)."),
         dev: bool = typer.Option(False, "--dev",
                                  help="Flask's development server (debugging only; none of "
                                       "the connection limits)."),
@@ -213,7 +219,7 @@ def register(app: typer.Typer) -> None:
               max_body_bytes=max_body_kb * 1024, model_id=model_id, dev=dev,
               max_connections=max_connections,
               max_connections_per_client=max_connections_per_client,
-              request_timeout_s=request_timeout_s)
+              request_timeout_s=request_timeout_s, template_timeout_s=template_timeout)
 
 
 if __name__ == "__main__":  # pragma: no cover

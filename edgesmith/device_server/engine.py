@@ -175,7 +175,8 @@ class Engine:
     """The loaded model and its worker; see the module docstring."""
 
     def __init__(self, model_path: Path, *, n_ctx: int, threads: int, queue_size: int,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, template_limits: templates.TemplateLimits | None = None
+                 ) -> None:
         from edgesmith.bench.runners.llama_cpp import CONTEXT_DEFAULTS, require_llama_cpp
 
         require_llama_cpp("server")
@@ -207,7 +208,7 @@ class Engine:
         self.template = templates.from_metadata(
             self.llm.metadata,
             {i: self.llm.detokenize([i], special=True).decode("utf-8", "replace")
-             for i in ids if i >= 0})
+             for i in ids if i >= 0}, template_limits)
         self.queue_size = queue_size
         self._queue: queue.Queue[Job | _Exclusive | None] = queue.Queue(maxsize=queue_size)
         self._busy = False

@@ -558,3 +558,20 @@ def test_packaged_smollm2_gguf_template_renders_as_in_the_plain_sandbox() -> Non
     for messages in CONVERSATIONS:
         assert ChatTemplate(source).render(messages) == plain_sandbox(source).render(
             messages=messages, add_generation_prompt=True, bos_token="", eos_token="")
+
+
+def test_the_server_option_sets_the_render_deadline(tmp_path: Path) -> None:
+    pytest.importorskip("llama_cpp")
+    import tiny_gguf
+
+    from edgesmith.device_server.app import ServerConfig, create_app
+
+    path = tiny_gguf.build(tmp_path / "t.gguf", template=SERVED)
+    flask_app = create_app(ServerConfig(model=path, threads=1, n_ctx=256,
+                                        template_deadline_s=0.2))
+    try:
+        answer = chat(flask_app, "loop")
+        assert answer is not None and answer[0] == 500
+        assert "took over 0.2 s to render" in answer[1]["error"]["message"], answer
+    finally:
+        flask_app.extensions["edgesmith_engine"].close()
