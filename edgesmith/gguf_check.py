@@ -12,6 +12,7 @@ against them and against the tensors actually present. Header only: no tensor da
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +35,8 @@ ROPE_IS_HEAD = LLAMA_LAYOUT | {"deci", "falcon"}
 NO_HPARAMS = frozenset({"clip"})
 EMBD_NOT_TOKEN_EMBD = frozenset({"wavtokenizer-dec"})
 _BLOCK = re.compile(r"blk\.(\d+)\.")
+# types llama.cpp has no matrix kernels for: a weight of one of these crashes it (SIGSEGV)
+NOT_WEIGHT_TYPES = frozenset({"I8", "I16", "I32", "I64", "F64"})
 
 Problem = str | None
 
@@ -64,6 +67,9 @@ def _tensor_table(h: GGUFHeader) -> Problem:
                    f"{GGML_MAX_DIMS})"
         if any(d > INT64_MAX for d in t.shape) or t.n_elements > INT64_MAX:
             return f"tensor {shown(t.name)} has the impossible shape {list(t.shape)}"
+        if t.type in NOT_WEIGHT_TYPES and t.name.endswith(".weight"):
+            return f"tensor {shown(t.name)} has type {t.type}, which llama.cpp cannot compute " \
+                   "with (a weight is a float or quantized type)"
         block, _ = GGML_QUANT_SIZES[GGMLQuantizationType[t.type]]
         row = t.shape[0] if t.shape else 1
         if row % block:
@@ -185,6 +191,10 @@ def _check_hparams(h: GGUFHeader, arch: str, k: Callable[[str], str]) -> None:
         if kv > q or (kv and q % kv):
             raise _Bad(f"layer {il} has {q} attention heads and {kv} key-value heads (the "
                        "key-value heads must divide the heads)")
+    for key in (k("attention.layer_norm_rms_epsilon"), k("attention.layer_norm_epsilon")):
+        eps = h.field(key, 0.0)
+        if isinstance(eps, (list, str)) or not 0 <= eps < math.inf:
+            raise _Bad(f"{key} is {_show(eps)}, not a finite number >= 0")  # llama.cpp asserts
     scaling = h.field(k("rope.scaling.type"), "linear")
     if scaling not in ROPE_SCALING_TYPES:
         raise _Bad(f"{k('rope.scaling.type')} is {_show(scaling)}, not one of "
@@ -276,4 +286,13 @@ def _vocabulary(h: GGUFHeader) -> Problem:
         if key in h.fields and (not isinstance(h.fields[key], list)
                                 or len(h.fields[key]) != len(tokens)):
             return f"{key} has {_show(h.fields[key])} for {len(tokens)} tokens"
+    # llama.cpp asserts that each token's text is unique (tokens our reader could not decode
+    # may differ in their bytes: they are left out)
+    decoded = [t for t in tokens if "\ufffd" not in t]
+    if len(set(decoded)) != len(decoded):
+        seen: set[str] = set()
+        for t in decoded:
+            if t in seen:
+                return f"the token {shown(t)!r} is in tokenizer.ggml.tokens twice"
+            seen.add(t)
     return None

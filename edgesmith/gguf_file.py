@@ -99,6 +99,23 @@ class _Cursor:
         self.pos = end
         return s
 
+    def strings(self, count: int) -> list[str]:
+        """``count`` strings in a row (a vocabulary: the loop of ``string``, inlined)."""
+        buf, pos, size, unpack = self.buf, self.pos, self.size, _U64.unpack_from
+        out: list[str] = []
+        append = out.append
+        for _ in range(count):
+            if pos + 8 > size:
+                raise GGUFFormatError(f"header truncated at byte {pos}")
+            end = pos + 8 + unpack(buf, pos)[0]
+            if end > size:
+                raise GGUFFormatError(f"string of {end - pos - 8} bytes at byte {pos} runs past "
+                                      "the end")
+            append(buf[pos + 8 : end].decode("utf-8", errors="replace"))
+            pos = end
+        self.pos = pos
+        return out
+
     def value(self, vtype: int, depth: int = 0) -> Any:
         if vtype in _SCALARS:
             return self.take(_SCALARS[vtype])
@@ -122,7 +139,7 @@ class _Cursor:
         if etype == _STRING:
             if self.pos + 8 * count > self.size:  # each string takes 8 bytes at least
                 raise GGUFFormatError(f"array of {count} strings at byte {at} runs past the end")
-            return [self.string() for _ in range(count)]
+            return self.strings(count)
         if etype == _ARRAY:
             if depth + 1 >= MAX_ARRAY_NESTING:
                 raise GGUFFormatError(

@@ -115,6 +115,15 @@ CASES: dict[str, tuple[Patch, str]] = {
     "gap-between-tensors": (_tensor("blk.0.attn_q.weight", "offset", lambda v: v + 32),
                             "a gap"),
     "zero-tensors": (_no_tensors, "holds no tensors"),
+    # found by running llama.cpp on files the fuzz corpus let through: SIGABRT / SIGSEGV
+    "duplicate-token": (lambda base, _: bytes(T.rename(bytearray(base), "<0x41>", "<0x42>")),
+                        "the token '<0x42>' is in tokenizer.ggml.tokens twice"),
+    "negative-rms-epsilon": (
+        lambda base, _: bytes(T.set_value(bytearray(base),
+                                          "llama.attention.layer_norm_rms_epsilon", "<f", -1.0)),
+        "layer_norm_rms_epsilon is -1.0, not a finite number >= 0"),
+    "weight-of-integers": (_tensor("blk.0.attn_v.weight", "type", lambda _: 25),  # F16 -> I16
+                           "blk.0.attn_v.weight has type I16, which llama.cpp cannot compute"),
     "shape-transposed": (_swap_dims("blk.1.ffn_up.weight"),  # same size, other shape
                          r"blk.1.ffn_up.weight has shape \[128, 64\], the hyperparameters "
                          r"give \[64, 128\]"),
@@ -186,6 +195,7 @@ def _bench(path: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     ("alignment-0", "general.alignment is 0"),  # internal error: ZeroDivisionError
     ("block-count-1000", "block_count is 1000"),  # SIGABRT, exit 134, nothing printed
     ("unknown-rope-scaling", "rope.scaling.type"),  # SIGABRT
+    ("duplicate-token", "twice"),  # SIGABRT
     # 8: was internal error: TemplateSyntaxError, exit 1 (llama-cpp-python compiles it)
     ("template", r"chat template tokenizer.chat_template of \S+ does not compile: "
                  r"TemplateSyntaxError: Expected an expression.*\(line 1\)"),
