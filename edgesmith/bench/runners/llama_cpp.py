@@ -114,8 +114,9 @@ def check_chat_templates(path: Path, header: GGUFHeader) -> None:
         except (jinja2.TemplateError, RecursionError, MemoryError) as exc:
             raise ModelError(f"the chat template {key} of {path} does not compile: "
                              f"{_template_problem(exc)}",
-                             "fix the template (gguf-py's gguf_new_metadata.py --chat-template) "
-                             "or convert the model again with a working one") from exc
+                             "write a working one into a copy of the file: gguf-new-metadata "
+                             "IN OUT --chat-template-file TEMPLATE.jinja (from the gguf "
+                             "package)") from exc
 
 
 def _template_problem(exc: BaseException) -> str:
