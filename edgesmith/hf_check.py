@@ -16,7 +16,7 @@ from typing import Any
 import psutil
 
 from edgesmith.errors import ModelError
-from edgesmith.safetensors_check import TensorEntry
+from edgesmith.safetensors_check import TensorEntry, read_header
 
 # Size fields of a config.json and the range we accept: generous, far beyond any released
 # model, and low enough that a load cannot ask for absurd memory before the tensor checks.
@@ -138,6 +138,19 @@ def _check_layer_shapes(cfg: dict[str, Any], tensors: dict[str, tuple[str, Tenso
                 "head_dim) to match the weights")
 
 
+def safetensors_tensors(hf_dir: Path) -> dict[str, tuple[str, TensorEntry]]:
+    """Every tensor of the directory's shards (name -> (shard name, entry)), each checked;
+    a tensor in two shards is refused (transformers would silently take one of them)."""
+    tensors: dict[str, tuple[str, TensorEntry]] = {}
+    for shard in sorted(hf_dir.glob("*.safetensors")):
+        for name, entry in read_header(shard).tensors.items():
+            if name in tensors:
+                raise ModelError(f"tensor {name[:80]!r} is in both {tensors[name][0]} and "
+                                 f"{shard.name} of {hf_dir}", "remove the stale shard")
+            tensors[name] = (shard.name, entry)
+    return tensors
+
+
 def load_bytes(entries: Iterable[TensorEntry]) -> int:
     """Memory a fp32 load of these tensors needs: weights, the largest tensor once more while
     it is converted, and the process's own overhead."""
@@ -153,6 +166,22 @@ def require_memory(need: int, what: str, ram: int | None = None) -> None:
         raise ModelError(f"{what} needs about {_gb(need)} of memory, this machine has "
                          f"{_gb(ram)} of RAM",
                          "use a smaller model, or a machine with more memory")
+
+
+def require_load_memory(hf_dir: Path) -> None:
+    """The memory of a fp32 load of the directory's tensors, against RAM."""
+    entries = [entry for _, entry in safetensors_tensors(hf_dir).values()]
+    require_memory(load_bytes(entries), f"loading {hf_dir} in fp32")
+
+
+def require_dequant_memory(gguf_path: Path) -> None:
+    """A GGUF's dequantization through transformers: the dequantized model and the fresh copy
+    it is saved through, both in fp32, against RAM."""
+    from edgesmith.gguf_file import read_header as read_gguf_header
+
+    fp32 = sum(4 * t.n_elements for t in read_gguf_header(gguf_path).tensors)
+    require_memory(2 * fp32 + LOAD_OVERHEAD_BYTES,
+                   f"dequantizing {gguf_path} to fp32 (transformers)")
 
 
 def _gb(n: int) -> str:

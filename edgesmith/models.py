@@ -21,7 +21,7 @@ from typing import Any
 from edgesmith import hf_check
 from edgesmith.errors import EdgesmithError, ModelError
 from edgesmith.fsutil import cache_root, sha256_text
-from edgesmith.safetensors_check import SafetensorsHeader, TensorEntry
+from edgesmith.safetensors_check import SafetensorsHeader
 from edgesmith.safetensors_check import read_header as read_safetensors_header
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -218,25 +218,12 @@ def validate(ref: ModelRef) -> None:
         if not pickles:
             raise ModelError(f"{ref.path} has no *.safetensors weights", "add the model weights")
         return
-    hf_check.check_tensors(cfg, safetensors_tensors(ref.path), ref.path / "config.json")
+    hf_check.check_tensors(cfg, hf_check.safetensors_tensors(ref.path), ref.path / "config.json")
 
 
 def check_safetensors(path: Path) -> SafetensorsHeader:
     """Validate a safetensors header fully (see safetensors_check) without reading the data."""
     return read_safetensors_header(path)
-
-
-def safetensors_tensors(hf_dir: Path) -> dict[str, tuple[str, TensorEntry]]:
-    """Every tensor of the directory's shards (name -> (shard name, entry)), each checked;
-    a tensor in two shards is refused (transformers would silently take one of them)."""
-    tensors: dict[str, tuple[str, TensorEntry]] = {}
-    for shard in sorted(hf_dir.glob("*.safetensors")):
-        for name, entry in check_safetensors(shard).tensors.items():
-            if name in tensors:
-                raise ModelError(f"tensor {name[:80]!r} is in both {tensors[name][0]} and "
-                                 f"{shard.name} of {hf_dir}", "remove the stale shard")
-            tensors[name] = (shard.name, entry)
-    return tensors
 
 
 def check_gguf(path: Path) -> None:
@@ -300,7 +287,7 @@ def _gguf_to_hf_dir(gguf_path: Path, dest: Path) -> None:
 
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
-    _require_dequant_memory(gguf_path)
+    hf_check.require_dequant_memory(gguf_path)
     with library_errors(gguf_path, "use a GGUF of an architecture transformers can dequantize "
                                    "(llama, qwen2, ...)"):
         # its tqdm bar would print through our rich progress display (which shows this step)
@@ -388,7 +375,7 @@ def load_hf(hf_dir: Path) -> tuple[Any, Any]:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    _require_load_memory(hf_dir)
+    hf_check.require_load_memory(hf_dir)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its multi-line load report; the ModelError says it
     try:
@@ -423,25 +410,11 @@ def check_load_memory(ref: ModelRef) -> None:
     if ref.kind == "gguf":
         done = _dequantized_dir(ref)
         if (done / ".complete").exists():
-            _require_load_memory(done)
+            hf_check.require_load_memory(done)
         else:
-            _require_dequant_memory(ref.path)
+            hf_check.require_dequant_memory(ref.path)
     elif any(ref.path.glob("*.safetensors")):
-        _require_load_memory(ref.path)
-
-
-def _require_load_memory(hf_dir: Path) -> None:
-    entries = [entry for _, entry in safetensors_tensors(hf_dir).values()]
-    hf_check.require_memory(hf_check.load_bytes(entries), f"loading {hf_dir} in fp32")
-
-
-def _require_dequant_memory(gguf_path: Path) -> None:
-    """The dequantized model and the fresh copy it is saved through, both in fp32."""
-    from edgesmith.gguf_file import read_header
-
-    fp32 = sum(4 * t.n_elements for t in read_header(gguf_path).tensors)
-    hf_check.require_memory(2 * fp32 + hf_check.LOAD_OVERHEAD_BYTES,
-                            f"dequantizing {gguf_path} to fp32 (transformers)")
+        hf_check.require_load_memory(ref.path)
 
 
 @contextmanager

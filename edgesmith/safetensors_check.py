@@ -92,20 +92,6 @@ def read_header(path: Path) -> SafetensorsHeader:
     return _check(text, size, str(path))
 
 
-def check_bytes(data: bytes, where: str = "<bytes>", file_size: int | None = None
-                ) -> SafetensorsHeader:
-    """The same checks on a file held in memory: all of it, or its start (at least the
-    header) with the whole file's ``file_size``."""
-    size = len(data) if file_size is None else file_size
-    try:
-        n = _header_length(data[:8], size)
-        if len(data) < 8 + n:
-            raise _Bad(f"the header length {n} is past the {len(data)} bytes given")
-    except _Bad as exc:
-        raise ModelError(f"corrupt safetensors file {where}: {exc}", HINT) from exc
-    return _check(data[8:8 + n], size, where)
-
-
 def _header_length(raw: bytes, size: int) -> int:
     if len(raw) < 8:
         raise _Bad(f"the file has {size} bytes, fewer than its 8-byte header length")
