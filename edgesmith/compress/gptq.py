@@ -53,6 +53,8 @@ class GPTQConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     samples: int | None = Field(None, ge=1, le=4096, description="default: the recipe's")
     seq_len: int | None = Field(None, ge=16, le=8192, description="default: the recipe's")
+    checkpoint_format: Literal["gptq", "gptq_v2"] = Field(
+        "gptq", description="gptq (v1): every loader; gptq_v2: gptqmodel, also asymmetric")
 
     def spec(self) -> qw.QuantSpec:
         return qw.QuantSpec(self.bits, self.group_size, self.sym)
@@ -240,7 +242,8 @@ class GPTQPass:
         c = self.config
         return qw.quantization_config(
             c.spec(), desc_act=c.act_order, damp=c.damp, true_sequential=c.true_sequential,
-            modules=groups or None, meta={"edgesmith": {"grid": "llama.cpp", "pass": "gptq"}})
+            modules=groups or None, meta={"edgesmith": {"grid": "llama.cpp", "pass": "gptq"}},
+            checkpoint_format=c.checkpoint_format)
 
     def _batches(self, ctx: RunContext, model_dir: Path | None) -> list[torch.Tensor]:
         tok, text, samples, seq_len = _tokenizer_and_calibration(ctx, self.config, model_dir)
@@ -288,7 +291,7 @@ class GPTQPass:
         source = layerwise.DirSource(src, device)
         batches = self._batches(ctx, src)
         layers = _GPTQLayers(self.config)
-        writer = qw.CheckpointWriter(dest)
+        writer = qw.CheckpointWriter(dest, self.config.checkpoint_format)
 
         def sink(_i: int, prefix: str, _layer: torch.nn.Module) -> None:
             mine = layers.take(prefix)

@@ -215,28 +215,29 @@ class QuantizedLinear:
                                None if self.g_idx is None else self.g_idx.to(device))
 
     # --- the GPTQ checkpoint layout --------------------------------------------------------
-    def to_gptq(self) -> dict[str, torch.Tensor]:
-        """``qweight``, ``qzeros``, ``scales``, ``g_idx`` as a v1 GPTQ checkpoint stores them."""
+    def to_gptq(self, v2: bool = False) -> dict[str, torch.Tensor]:
+        """``qweight``, ``qzeros``, ``scales``, ``g_idx`` as a GPTQ checkpoint stores them (v1
+        stores zero - 1, ``gptq_v2`` the zero itself)."""
         mask = (1 << self.bits) - 1
-        zm1 = (self.zeros.cpu().numpy().astype(np.int64) - 1) & mask  # v1 stores zero - 1
+        stored = (self.zeros.cpu().numpy().astype(np.int64) - (0 if v2 else 1)) & mask
         return {
             "qweight": torch.from_numpy(pack(self.codes.cpu().numpy().T, self.bits)),
-            "qzeros": torch.from_numpy(np.ascontiguousarray(pack(zm1, self.bits).T)),
+            "qzeros": torch.from_numpy(np.ascontiguousarray(pack(stored, self.bits).T)),
             "scales": self.scales.cpu().T.contiguous().to(torch.float16),
             "g_idx": self.group_index().cpu().to(torch.int32),
         }
 
     @classmethod
     def from_gptq(cls, tensors: dict[str, torch.Tensor], bits: int, group_size: int,
-                  sym: bool) -> QuantizedLinear:
+                  sym: bool, v2: bool = False) -> QuantizedLinear:
         """Inverse of ``to_gptq``, for any v1 GPTQ tensor set (group_size -1: one group)."""
         qweight = tensors["qweight"].cpu().numpy()
         scales = tensors["scales"].float().T.contiguous()  # [out, n_groups]
         out = int(scales.shape[0])
         n_in = qweight.shape[0] * 32 // bits
         codes = unpack(qweight, bits, n_in).T  # [out, in]
-        zm1 = unpack(tensors["qzeros"].cpu().numpy().T, bits, out)  # [out, n_groups]
-        zeros = (zm1.astype(np.int64) + 1) & ((1 << bits) - 1)
+        stored = unpack(tensors["qzeros"].cpu().numpy().T, bits, out)  # [out, n_groups]
+        zeros = (stored.astype(np.int64) + (0 if v2 else 1)) & ((1 << bits) - 1)
         g_idx = tensors.get("g_idx")
         q = cls(torch.from_numpy(np.ascontiguousarray(codes)), scales,
                 torch.from_numpy(zeros.astype(np.uint8)), bits,
@@ -323,15 +324,22 @@ def set_quantization_config(model: Any, qconfig: dict[str, Any]) -> None:
 # --- the GPTQ checkpoint on disk ------------------------------------------------------------
 def quantization_config(spec: QuantSpec, *, desc_act: bool, damp: float | None = None,
                         true_sequential: bool = True, modules: list[list[str]] | None = None,
-                        block_name: str = "model.layers", meta: dict[str, Any] | None = None) \
-        -> dict[str, Any]:
-    """``quantization_config`` of config.json, as transformers/optimum/gptqmodel/vLLM read it."""
+                        block_name: str = "model.layers", meta: dict[str, Any] | None = None,
+                        checkpoint_format: str = "gptq") -> dict[str, Any]:
+    """``quantization_config`` of config.json, as transformers/optimum/gptqmodel/vLLM read it.
+
+    ``checkpoint_format`` "gptq" (v1, what every loader reads) or "gptq_v2" (zeros stored as
+    they are: gptqmodel loads an asymmetric checkpoint only in v2 unless it made it itself)."""
+    if checkpoint_format not in ("gptq", "gptq_v2"):
+        raise ModelError(f"unknown GPTQ checkpoint_format {checkpoint_format!r}",
+                         "use gptq or gptq_v2")
     from edgesmith import __version__
 
     cfg: dict[str, Any] = {
         "quant_method": "gptq", "bits": spec.bits, "group_size": spec.group_size,
         "desc_act": desc_act, "static_groups": desc_act, "sym": spec.sym,
-        "true_sequential": true_sequential, "checkpoint_format": "gptq", "pack_dtype": "int32",
+        "true_sequential": true_sequential, "checkpoint_format": checkpoint_format,
+        "pack_dtype": "int32",
         "lm_head": False, "block_name_to_quantize": block_name,
         "meta": {"quantizer": [f"edgesmith:{__version__}"], **(meta or {})},
     }
@@ -350,8 +358,9 @@ class CheckpointWriter:
     writes the index, config.json (with ``quantization_config``) and quantize_config.json.
     """
 
-    def __init__(self, dest: Path) -> None:
+    def __init__(self, dest: Path, checkpoint_format: str = "gptq") -> None:
         self.dest = Path(dest)
+        self.v2 = checkpoint_format == "gptq_v2"
         self.tmp = self.dest.with_name(self.dest.name + ".partial")
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
@@ -360,7 +369,7 @@ class CheckpointWriter:
         self._pending: dict[str, torch.Tensor] = {}
 
     def add_quantized(self, name: str, q: QuantizedLinear) -> None:
-        for k, v in q.to_gptq().items():
+        for k, v in q.to_gptq(self.v2).items():
             self._pending[f"{name}.{k}"] = v
 
     def add(self, tensors: dict[str, torch.Tensor] | None = None) -> None:
@@ -405,7 +414,7 @@ def save_model(model: Any, dest: Path, qconfig: dict[str, Any] | None = None,
     if not quantized or qconfig is None:
         raise ModelError("the model carries no quantized weights",
                          "run a quantizing pass (gptq) before saving a GPTQ checkpoint")
-    writer = CheckpointWriter(dest)
+    writer = CheckpointWriter(dest, qconfig.get("checkpoint_format", "gptq"))
     try:
         for name, q in quantized.items():
             writer.add_quantized(name, q)
@@ -443,9 +452,10 @@ class GPTQCheckpoint:
         if qc.get("quant_method") != "gptq":
             raise ModelError(f"{self.path} is not a GPTQ checkpoint (quant_method "
                              f"{qc.get('quant_method')!r})", "quantize it with the gptq pass")
-        if qc.get("checkpoint_format", "gptq") != "gptq":
+        if qc.get("checkpoint_format", "gptq") not in ("gptq", "gptq_v2"):
             raise ModelError(f"{self.path} uses checkpoint_format {qc['checkpoint_format']!r}",
-                             "only the v1 'gptq' layout is read")
+                             "only the 'gptq' (v1) and 'gptq_v2' layouts are read")
+        self.v2 = qc.get("checkpoint_format") == "gptq_v2"
         self.qconfig = qc
         self.bits = int(qc["bits"])
         self.group_size = int(qc.get("group_size", 128))
@@ -473,7 +483,7 @@ class GPTQCheckpoint:
     def quantized(self, name: str) -> QuantizedLinear:
         parts = {k: self.tensor(f"{name}.{k}") for k in self.PACKED
                  if f"{name}.{k}" in self.weight_map}
-        return QuantizedLinear.from_gptq(parts, self.bits, self.group_size, self.sym)
+        return QuantizedLinear.from_gptq(parts, self.bits, self.group_size, self.sym, self.v2)
 
     def shards(self) -> dict[str, list[str]]:
         """Shard file -> the plain-model tensor names it holds (quantized ones as ``.weight``)."""

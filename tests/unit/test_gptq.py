@@ -304,3 +304,92 @@ def test_layerwise_dir_source_holds_one_layer(tiny_trained_llama: Path, tmp_path
     assert torch.equal(inputs.run(layer)[0], ref[0] if isinstance(ref, tuple) else ref)
     source.release(0, layer)
     assert all(p.is_meta for p in layer.parameters())
+
+
+def _autogptq_pack(intweight: np.ndarray, bits: int) -> np.ndarray:
+    """AutoGPTQ's QuantLinear.pack loop (the reference layout every GPTQ loader reads)."""
+    iw = intweight.astype(np.uint32)
+    qweight = np.zeros((iw.shape[0] // 32 * bits, iw.shape[1]), dtype=np.uint32)
+    i = row = 0
+    while row < qweight.shape[0]:
+        if bits in (2, 4, 8):
+            for j in range(i, i + 32 // bits):
+                qweight[row] |= iw[j] << (bits * (j - i))
+            i += 32 // bits
+            row += 1
+        else:  # 3 bits: 32 values in 3 words, 2 values straddling words
+            for j in range(i, i + 10):
+                qweight[row] |= iw[j] << (3 * (j - i))
+            i += 10
+            qweight[row] |= iw[i] << 30
+            row += 1
+            qweight[row] |= (iw[i] >> 2) & 1
+            i += 1
+            for j in range(i, i + 10):
+                qweight[row] |= iw[j] << (3 * (j - i) + 1)
+            i += 10
+            qweight[row] |= iw[i] << 31
+            row += 1
+            qweight[row] |= (iw[i] >> 1) & 0x3
+            i += 1
+            for j in range(i, i + 10):
+                qweight[row] |= iw[j] << (3 * (j - i) + 2)
+            i += 10
+            row += 1
+    return qweight.view(np.int32)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_packing_is_autogptq_layout(bits: int) -> None:
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(64, 128, generator=g)
+    q = qw.quantize_rtn(w, qw.QuantSpec(bits, 32, bits != 3))
+    t = q.to_gptq()
+    assert np.array_equal(t["qweight"].numpy(), _autogptq_pack(q.codes.numpy().T, bits))
+    zm1 = ((q.zeros.numpy().astype(np.int64) - 1) & ((1 << bits) - 1)).T  # [groups, out]
+    assert np.array_equal(t["qzeros"].numpy(), _autogptq_pack(zm1.T, bits).T)
+    for v2 in (False, True):
+        back = qw.QuantizedLinear.from_gptq(q.to_gptq(v2), bits, 32, q.sym, v2)
+        assert torch.equal(back.codes, q.codes) and torch.equal(back.zeros, q.zeros)
+        assert torch.equal(back.scales, q.scales) and back.g_idx is None
+    assert not torch.equal(q.to_gptq(True)["qzeros"], t["qzeros"])  # v2 stores zero, not zero-1
+
+
+@pytest.mark.skipif(not os.environ.get("EDGESMITH_GPTQMODEL_PATH"),
+                    reason="set EDGESMITH_GPTQMODEL_PATH to a folder holding gptqmodel 7.x and "
+                           "its pure-Python dependencies (its pins conflict with this venv's)")
+def test_gptqmodel_loads_the_checkpoint(tiny_trained_llama: Path, tmp_path: Path) -> None:
+    """Another tool loads the checkpoint: gptqmodel's own kernels compute our model's logits."""
+    import subprocess
+    import sys
+
+    ctx = _ctx(tmp_path, tiny_trained_llama)
+    results = {}
+    for name, cfg in {"sym-act": dict(bits=4, group_size=32, act_order=True),
+                      "asym-v2": dict(bits=4, group_size=128, sym=False,
+                                      checkpoint_format="gptq_v2")}.items():
+        d = gptq.GPTQPass(gptq.GPTQConfig(**cfg)).run_dir(tiny_trained_llama, tmp_path / name, ctx)
+        plain, tok = load_hf(qw.dequantize_checkpoint(d, tmp_path / f"{name}-plain"))
+        ids = tok("The quick brown fox jumps over the lazy dog.")["input_ids"]
+        with torch.inference_mode():
+            ours = torch.log_softmax(plain(torch.tensor([ids])).logits.float(), -1)
+            orig = torch.log_softmax(load_hf(tiny_trained_llama)[0](
+                torch.tensor([ids])).logits.float(), -1)
+        script = (
+            "import sys, torch; from gptqmodel import GPTQModel, BACKEND\n"
+            "m = GPTQModel.load(sys.argv[1], device='cpu', backend=BACKEND.TORCH, "
+            "dtype=torch.bfloat16)\n"
+            "assert any(type(x).__module__.startswith('gptqmodel.nn_modules') "
+            "for x in m.model.modules())\n"
+            "ids = torch.tensor([[int(i) for i in sys.argv[2].split(',')]])\n"
+            "with torch.inference_mode():\n"
+            "    torch.save(torch.log_softmax(m.model(ids).logits.float(), -1), sys.argv[3])\n")
+        env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2",
+               "PYTHONPATH": os.environ["EDGESMITH_GPTQMODEL_PATH"]}
+        subprocess.run([sys.executable, "-c", script, str(d), ",".join(map(str, ids)),
+                        str(tmp_path / f"{name}.pt")], check=True, env=env)
+        theirs = torch.load(tmp_path / f"{name}.pt")
+        kld = float((ours.exp() * (ours - theirs)).sum(-1).mean())
+        quant = float((orig.exp() * (orig - ours)).sum(-1).mean())
+        results[name] = (kld, quant)
+        assert kld < 0.2 * quant, results  # bf16 noise only, well below the quantization's own
