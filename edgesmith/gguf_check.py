@@ -12,6 +12,7 @@ against them and against the tensors actually present. Header only: no tensor da
 
 from __future__ import annotations
 
+import array
 import math
 import re
 from collections.abc import Callable
@@ -152,7 +153,7 @@ def _per_layer(h: GGUFHeader, key: str, n_layer: int, default: list[int]) -> lis
 
 
 def _show(value: Any) -> str:
-    if isinstance(value, list):
+    if isinstance(value, (list, array.array)):
         return f"an array of {len(value)} items"
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -193,7 +194,7 @@ def _check_hparams(h: GGUFHeader, arch: str, k: Callable[[str], str]) -> None:
                        "key-value heads must divide the heads)")
     for key in (k("attention.layer_norm_rms_epsilon"), k("attention.layer_norm_epsilon")):
         eps = h.field(key, 0.0)
-        if isinstance(eps, (list, str)) or not 0 <= eps < math.inf:
+        if isinstance(eps, (list, array.array, str)) or not 0 <= eps < math.inf:
             raise _Bad(f"{key} is {_show(eps)}, not a finite number >= 0")  # llama.cpp asserts
     scaling = h.field(k("rope.scaling.type"), "linear")
     if scaling not in ROPE_SCALING_TYPES:
@@ -283,7 +284,7 @@ def _vocabulary(h: GGUFHeader) -> Problem:
     if h.types["tokenizer.ggml.tokens"] != (_ARRAY, _STRING):
         return "tokenizer.ggml.tokens is not an array of strings"
     for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
-        if key in h.fields and (not isinstance(h.fields[key], list)
+        if key in h.fields and (not isinstance(h.fields[key], (list, array.array))
                                 or len(h.fields[key]) != len(tokens)):
             return f"{key} has {_show(h.fields[key])} for {len(tokens)} tokens"
     # llama.cpp asserts that each token's text is unique (tokens our reader could not decode

@@ -14,8 +14,10 @@ to what llama.cpp and transformers need before they are handed the file.
 
 from __future__ import annotations
 
+import array
 import mmap
 import struct
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,14 @@ MAX_ARRAY_NESTING = 4  # the spec allows arrays of arrays; llama.cpp reads none,
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
             10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
+# array.array type codes of the scalar types (bool as unsigned bytes; 'I' and 'Q' are 4 and 8
+# bytes on every platform Python supports here)
+_ARRAY_CODES = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "B", 10: "Q", 11: "q",
+                12: "d"}
+# bounds on one metadata array, so its Python form stays small whatever the file (real arrays:
+# vocabularies and merge lists under 1M strings, per-token numbers, a tokenizer's charsmap)
+MAX_STRINGS = 1 << 22  # a Python string costs ~7 times its 8-byte minimum in the file
+MAX_ITEMS = 1 << 23  # numbers: at most 64 MB as an array.array
 INTEGER_TYPES = frozenset({0, 1, 2, 3, 4, 5, 10, 11})
 UINT32 = 4
 _U64 = struct.Struct("<Q")
@@ -125,20 +135,28 @@ class _Cursor:
             return self.array(depth)
         raise GGUFFormatError(f"unknown metadata type {vtype} at byte {self.pos}")
 
-    def array(self, depth: int) -> list[Any]:
+    def array(self, depth: int) -> list[Any] | array.array[Any]:
         at = self.pos
         etype, count = self.take("<I"), self.take("<Q")
-        if etype in _SCALARS:  # numbers: one unpack for the whole array
-            fmt = _SCALARS[etype]
-            n = struct.calcsize(fmt) * count
+        if etype in _SCALARS:  # numbers: as compact as in the file (a token_type array...)
+            code = _ARRAY_CODES[etype]
+            n = array.array(code).itemsize * count
             if self.pos + n > self.size:
                 raise GGUFFormatError(f"array of {count} items at byte {at} runs past the end")
-            out = list(struct.unpack_from(f"<{count}{fmt[1]}", self.buf, self.pos))
+            if count > MAX_ITEMS:
+                raise GGUFFormatError(f"array of {count} numbers at byte {at}: over {MAX_ITEMS} "
+                                      "(metadata holds no such arrays)")
+            out = array.array(code, self.buf[self.pos : self.pos + n])
+            if sys.byteorder == "big":
+                out.byteswap()
             self.pos += n
             return out
         if etype == _STRING:
             if self.pos + 8 * count > self.size:  # each string takes 8 bytes at least
                 raise GGUFFormatError(f"array of {count} strings at byte {at} runs past the end")
+            if count > MAX_STRINGS:
+                raise GGUFFormatError(f"array of {count} strings at byte {at}: over "
+                                      f"{MAX_STRINGS} (no tokenizer has as many)")
             return self.strings(count)
         if etype == _ARRAY:
             if depth + 1 >= MAX_ARRAY_NESTING:
@@ -245,7 +263,7 @@ def _alignment(fields: dict[str, Any], types: dict[str, tuple[int, ...]]) -> int
 
 
 def _describe(value: Any) -> str:
-    if isinstance(value, list):
+    if isinstance(value, (list, array.array)):
         return f"an array of {len(value)} items"
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."

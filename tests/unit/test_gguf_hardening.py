@@ -182,6 +182,30 @@ def test_reader_raises_only_its_format_error(name: str, hostile: dict[str, Path]
         gguf_file.read_header(hostile[name])
 
 
+@pytest.mark.parametrize(("etype", "count", "says"), [
+    (0, (1 << 23) + 1, "array of 8388609 numbers at byte 37: over 8388608"),
+    (STRING, (1 << 22) + 1, "array of 4194305 strings at byte 37: over 4194304"),
+])
+def test_huge_metadata_arrays_are_refused_unread(etype: int, count: int, says: str,
+                                                 tmp_path: Path) -> None:
+    """An array as large as the file allows (sparse zeros here: empty strings, zero bytes)
+    is refused before it becomes a list of millions of Python objects."""
+    import tracemalloc
+
+    bad = tmp_path / "huge-array.gguf"
+    with open(bad, "wb") as f:
+        f.write(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + T.kv_bytes("x", ARRAY, struct.pack(
+            "<IQ", etype, count)))
+        f.truncate(64 + 8 * count)
+    tracemalloc.start()
+    try:
+        with pytest.raises(gguf_file.GGUFFormatError, match=says):
+            gguf_file.read_header(bad)
+        assert tracemalloc.get_traced_memory()[1] < 10 * 2**20
+    finally:
+        tracemalloc.stop()
+
+
 def _bench(path: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "edgesmith.cli", "bench", str(path), "--repeat", "1",
