@@ -318,6 +318,24 @@ def _disk_full(exc: BaseException) -> bool:
     return False
 
 
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(exit, usage error, abort) exception classes of click and of the click that newer
+    Typer versions vendor as ``typer._click`` (its BadParameter is not click's)."""
+    import click
+
+    exits: list[type] = [click.exceptions.Exit, typer.Exit]
+    usage: list[type] = [click.ClickException]
+    aborts: list[type] = [click.exceptions.Abort]
+    try:
+        from typer._click import exceptions as vendored
+    except ImportError:
+        vendored = None  # type: ignore[assignment]
+    if vendored is not None:
+        usage.append(vendored.ClickException)
+        aborts.extend(getattr(vendored, n) for n in ("Abort",) if hasattr(vendored, n))
+    return tuple(exits), tuple(usage), tuple(aborts)
+
+
 def main() -> None:
     """Entry point: one-line errors (exit 2) unless --debug."""
     from edgesmith import interrupts
@@ -336,14 +354,13 @@ def main() -> None:
         err.print("interrupted; no partial outputs were left", markup=False)
         sys.exit(130)
     except Exception as exc:  # click usage errors and unexpected failures
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.ClickException):
+        exit_types, usage_types, abort_types = _click_exceptions()
+        if isinstance(exc, exit_types):
+            sys.exit(getattr(exc, "exit_code", 0))
+        if isinstance(exc, usage_types):  # a bad option value: click's message, exit 2
             exc.show()
             sys.exit(2)
-        if isinstance(exc, click.exceptions.Abort):
+        if isinstance(exc, abort_types):
             sys.exit(130)
         if debug:
             raise

@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 from edgesmith.device_server import chat_prompt, templates
 from edgesmith.device_server.metrics import Metrics
-from edgesmith.errors import EdgesmithError, ModelError
+from edgesmith.errors import EdgesmithError
 
 log = logging.getLogger("edgesmith.server")
 T = TypeVar("T")
@@ -177,22 +177,22 @@ class Engine:
     def __init__(self, model_path: Path, *, n_ctx: int, threads: int, queue_size: int,
                  metrics: Metrics, template_limits: templates.TemplateLimits | None = None
                  ) -> None:
-        from edgesmith.bench.runners.llama_cpp import CONTEXT_DEFAULTS, require_llama_cpp
+        from edgesmith.bench.runners.llama_cpp import (
+            CONTEXT_DEFAULTS,
+            open_llama,
+            require_llama_cpp,
+        )
 
         require_llama_cpp("server")
         import llama_cpp
-        from llama_cpp import Llama, llama_vocab_is_eog
+        from llama_cpp import llama_vocab_is_eog
 
         self.model_path = Path(model_path)
         self.metrics = metrics
         t0 = time.perf_counter()
-        try:
-            self.llm = Llama(model_path=str(self.model_path), n_ctx=n_ctx, n_threads=threads,
-                             n_threads_batch=threads, verbose=False, **CONTEXT_DEFAULTS)
-        except (ValueError, RuntimeError) as exc:
-            raise ModelError(f"llama.cpp cannot load {self.model_path}: {exc}",
-                             "check that the file is a complete GGUF of a supported model"
-                             ) from exc
+        # the header and chat templates are checked first; a refusal names llama.cpp's reason
+        self.llm = open_llama(self.model_path, n_ctx=n_ctx, n_threads=threads,
+                              n_threads_batch=threads, **CONTEXT_DEFAULTS)
         self.load_s = time.perf_counter() - t0
         self.n_ctx = self.llm.n_ctx()
         self.n_vocab = self.llm.n_vocab()

@@ -248,3 +248,23 @@ def test_llama_cpp_refusal_names_its_reason(models: tuple[bytes, bytes],
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error: ")]
     assert p.returncode == 2 and len(errors) == 1, p.stderr[-2000:]
     assert f"llama.cpp cannot load {bad}: tensor 'blk.0.ffn_up.weight' not found" in errors[0]
+
+
+@pytest.mark.parametrize(("name", "says"), [
+    ("block-count-1000", "block_count is 1000"),  # was SIGABRT, exit 134, nothing printed
+    ("template", r"chat template tokenizer.chat_template of \S+ does not compile"),
+])
+def test_serve_cli_one_line_exit_2(name: str, says: str, hostile: dict[str, Path]) -> None:
+    """serve opens the model through the same runner: refused before llama.cpp sees it."""
+    import socket
+
+    with socket.socket() as s:  # a free port (the model is refused before serving anyway)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.run([sys.executable, "-m", "edgesmith.cli", "serve", str(hostile[name]),
+                        "--port", str(port)], capture_output=True, text=True,
+                       env={**os.environ, "COLUMNS": "300"}, timeout=300)
+    assert p.returncode == 2, p.stderr[-2000:]
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert re.search(says, errors[0]), errors[0]
