@@ -21,7 +21,7 @@ inverse Hessian (its upper Cholesky factor), in blocks of 128 columns with lazy 
 
 ``GPTQPass.run(model, ctx)`` works on an in-memory HF model (the quantized codes are attached
 to it, see qweights.attach); ``GPTQPass.run_dir(src, dest, ctx)`` streams a safetensors
-directory into a GPTQ checkpoint one layer at a time.
+directory into a GPTQ checkpoint (compress/gptq_format.py) one layer at a time.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from edgesmith.compress import layerwise
+from edgesmith.compress import gptq_format, layerwise
 from edgesmith.compress import qweights as qw
 from edgesmith.context import RunContext
 from edgesmith.errors import ModelError
@@ -240,7 +240,7 @@ class GPTQPass:
 
     def qconfig(self, groups: list[list[str]]) -> dict[str, Any]:
         c = self.config
-        return qw.quantization_config(
+        return gptq_format.quantization_config(
             c.spec(), desc_act=c.act_order, damp=c.damp, true_sequential=c.true_sequential,
             modules=groups or None, meta={"edgesmith": {"grid": "llama.cpp", "pass": "gptq"}},
             checkpoint_format=c.checkpoint_format)
@@ -291,7 +291,7 @@ class GPTQPass:
         source = layerwise.DirSource(src, device)
         batches = self._batches(ctx, src)
         layers = _GPTQLayers(self.config)
-        writer = qw.CheckpointWriter(dest, self.config.checkpoint_format)
+        writer = gptq_format.CheckpointWriter(dest, self.config.checkpoint_format)
 
         def sink(_i: int, prefix: str, _layer: torch.nn.Module) -> None:
             mine = layers.take(prefix)

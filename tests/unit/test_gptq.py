@@ -13,7 +13,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from edgesmith.compress import gptq, layerwise
+from edgesmith.compress import gptq, gptq_format, layerwise
 from edgesmith.compress import qweights as qw
 from edgesmith.compress.imatrix import CalibrationConfig
 from edgesmith.context import RunContext, make_progress
@@ -220,7 +220,7 @@ def test_checkpoint_streams_and_loads_back(tiny_trained_llama: Path, tmp_path: P
     cfg = gptq.GPTQConfig(bits=4, group_size=32, sym=False, act_order=True)
     out = gptq.GPTQPass(cfg).run_dir(tiny_trained_llama, tmp_path / "ckpt", ctx)
     mem = gptq.GPTQPass(cfg).run(load_hf(tiny_trained_llama)[0], ctx)
-    ckpt = qw.GPTQCheckpoint(out)
+    ckpt = gptq_format.GPTQCheckpoint(out)
     assert ckpt.quantized_names() == sorted(qw.attached(mem))
     cfg_json = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg_json["quant_method"] == "gptq" and cfg_json["checkpoint_format"] == "gptq"
@@ -236,13 +236,14 @@ def test_checkpoint_streams_and_loads_back(tiny_trained_llama: Path, tmp_path: P
         assert torch.equal(ckpt.quantized(name).dequantize(), w)
     assert not any(k.endswith("_proj.weight") for k in ckpt.weight_map)
     # the plain model it dequantizes to computes what the fake-quantized model computes
-    plain = qw.dequantize_checkpoint(out, tmp_path / "plain")
+    plain = gptq_format.dequantize_checkpoint(out, tmp_path / "plain")
     m2, tok = load_hf(plain)
     ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog.")["input_ids"]])
     with torch.inference_mode():
         assert torch.equal(m2(ids).logits, mem(ids).logits)
     # and an in-memory model saves to the same checkpoint layout
-    saved = qw.GPTQCheckpoint(qw.save_model(mem, tmp_path / "saved", tokenizer=tok))
+    saved = gptq_format.GPTQCheckpoint(
+        gptq_format.save_model(mem, tmp_path / "saved", tokenizer=tok))
     for name in ckpt.quantized_names():
         for k in ("qweight", "qzeros", "scales", "g_idx"):
             assert torch.equal(saved.tensor(f"{name}.{k}"), ckpt.tensor(f"{name}.{k}"))
@@ -262,9 +263,9 @@ def test_gptq_q4_0_gguf_matches_the_fake_quantized_model(tiny_llama: Path,
     ctx = _ctx(tmp_path, tiny_llama)
     ckpt_dir = gptq.GPTQPass(gptq.GPTQConfig(bits=4, group_size=32, act_order=True)).run_dir(
         tiny_llama, tmp_path / "ckpt", ctx)
-    plain = qw.dequantize_checkpoint(ckpt_dir, tmp_path / "plain")
+    plain = gptq_format.dequantize_checkpoint(ckpt_dir, tmp_path / "plain")
     f16 = GGUFExporter(GGUFExportConfig(outtype="f16")).export(plain, ctx, tmp_path / "f.gguf")
-    ckpt = qw.GPTQCheckpoint(ckpt_dir)
+    ckpt = gptq_format.GPTQCheckpoint(ckpt_dir)
     res = gguf_blocks.write_quantized(
         f16.path, tmp_path / "q.gguf",
         {n: (lambda n=n: ckpt.quantized(n)) for n in ckpt.quantized_names()})
@@ -344,15 +345,16 @@ def test_packing_is_autogptq_layout(bits: int) -> None:
     g = torch.Generator().manual_seed(bits)
     w = torch.randn(64, 128, generator=g)
     q = qw.quantize_rtn(w, qw.QuantSpec(bits, 32, bits != 3))
-    t = q.to_gptq()
+    t = gptq_format.to_tensors(q)
     assert np.array_equal(t["qweight"].numpy(), _autogptq_pack(q.codes.numpy().T, bits))
     zm1 = ((q.zeros.numpy().astype(np.int64) - 1) & ((1 << bits) - 1)).T  # [groups, out]
     assert np.array_equal(t["qzeros"].numpy(), _autogptq_pack(zm1.T, bits).T)
     for v2 in (False, True):
-        back = qw.QuantizedLinear.from_gptq(q.to_gptq(v2), bits, 32, q.sym, v2)
+        back = gptq_format.from_tensors(gptq_format.to_tensors(q, v2), bits, 32, q.sym, v2)
         assert torch.equal(back.codes, q.codes) and torch.equal(back.zeros, q.zeros)
         assert torch.equal(back.scales, q.scales) and back.g_idx is None
-    assert not torch.equal(q.to_gptq(True)["qzeros"], t["qzeros"])  # v2 stores zero, not zero-1
+    # v2 stores the zero, not zero - 1
+    assert not torch.equal(gptq_format.to_tensors(q, True)["qzeros"], t["qzeros"])
 
 
 @pytest.mark.skipif(not os.environ.get("EDGESMITH_GPTQMODEL_PATH"),
@@ -369,7 +371,7 @@ def test_gptqmodel_loads_the_checkpoint(tiny_trained_llama: Path, tmp_path: Path
                       "asym-v2": dict(bits=4, group_size=128, sym=False,
                                       checkpoint_format="gptq_v2")}.items():
         d = gptq.GPTQPass(gptq.GPTQConfig(**cfg)).run_dir(tiny_trained_llama, tmp_path / name, ctx)
-        plain, tok = load_hf(qw.dequantize_checkpoint(d, tmp_path / f"{name}-plain"))
+        plain, tok = load_hf(gptq_format.dequantize_checkpoint(d, tmp_path / f"{name}-plain"))
         ids = tok("The quick brown fox jumps over the lazy dog.")["input_ids"]
         with torch.inference_mode():
             ours = torch.log_softmax(plain(torch.tensor([ids])).logits.float(), -1)
