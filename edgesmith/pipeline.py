@@ -207,6 +207,7 @@ def compress(spec: str, recipe: Recipe, opts: Options, progress: Any) -> dict[st
     """Run ``recipe`` on model ``spec``; returns the manifest (also written to out_dir)."""
     t = Timings()
     ref = models.resolve(spec, allow_pickle=opts.allow_pickle)
+    models.check_load_memory(ref)  # before hashing a model too big to load at all
     if not models.is_causal_lm(ref):
         raise ModelError(f"{spec} ({ref.architecture()}) is not a causal language model, so "
                          "compress cannot check its quality", "use `edgesmith export` for it")
