@@ -145,10 +145,10 @@ def converter_plan(hf_dir: Path, progress: Any = None) -> tuple[str, list[Planne
         proc = subprocess.run([sys.executable, "-c", _PLAN_SCRIPT, str(src), str(hf_dir),
                                str(out)], capture_output=True, text=True, cwd=src, timeout=600)
         if proc.returncode != 0 or not out.exists():
-            lines = proc.stderr.strip().splitlines()
-            msg = next((ln for ln in reversed(lines) if "Error" in ln), lines[-1:] or ["?"])
+            lines = proc.stderr.strip().splitlines() or ["no output"]
+            msg = next((ln for ln in reversed(lines) if "Error" in ln), lines[-1])
             raise ToolError(f"llama.cpp's converter cannot name the tensors of {hf_dir}: "
-                            f"{msg if isinstance(msg, str) else msg[0]}".strip(),
+                            f"{msg.strip()}",
                             "check that llama.cpp supports the architecture (edgesmith doctor "
                             "MODEL), or set imatrix: false in the recipe's gguf_quantize step")
         plan = json.loads(out.read_text())

@@ -13,11 +13,11 @@ calibration and evaluation made small), then checked in llama.cpp:
 
 Tokenizers are ones llama.cpp's converter recognizes, and both runtimes split text alike
 (checked): real BPE vocabularies where the converter identifies the pre-tokenizer by the hash of
-its token ids on a test string (SmolLM2's for Llama and OLMo 2, Qwen's own for Qwen2, see
-QWEN_RANKS), and for the others, whose converters read a SentencePiece tokenizer.model first
-(Gemma's always), one trained here on the calibration text: no hash is involved, and its
-vocabulary of 2048 keeps the runs fast. The models are built once into the test cache; each
-compress runs in a fresh cache of its own.
+its token ids on a test string (SmolLM2's for OLMo 2, as conftest's tiny_llama has; Qwen's own
+for Qwen2, see QWEN_RANKS), and for the others, whose converters read a SentencePiece
+tokenizer.model first (Gemma's always), one trained here on the calibration text: no hash is
+involved, and its vocabulary of 2048 keeps the runs fast. The models are built once into the
+test cache; each compress runs in a fresh cache of its own.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ TEXT = "The Raspberry Pi 5 runs small language models: 4-bit weights, 256-value 
 # llama.cpp's per-layer windows; its query_pre_attn_scalar is the head size, as in every
 # released Gemma 2/3 but the 27B (llama.cpp derives the attention scale from the shapes).
 SPECS: dict[str, dict[str, Any]] = {
-    "llama": {"tok": "bpe", "tie_word_embeddings": False},
+    "llama": {"tok": "spm-llama", "tie_word_embeddings": False},  # BPE: conftest's tiny_llama
     "mistral": {"tok": "spm-llama", "tie_word_embeddings": False},
     "qwen2": {"tok": "spm-llama", "tie_word_embeddings": True},  # Qwen's BPE if installed
     "qwen3": {"tok": "spm-llama", "tie_word_embeddings": True},
@@ -381,3 +381,13 @@ def test_check_against_gguf_names_the_mismatches(run: Run) -> None:
         with pytest.raises(ToolError, match="does not match") as exc:
             imatrix.check_against_gguf(imatrix.IMatrix(entries, 1, 1), run.f16)
         assert message in str(exc.value), (message, str(exc.value))
+
+
+def test_converter_plan_refuses_an_architecture_llama_cpp_cannot_convert(
+        arch_models: dict[str, Path], tmp_path: Path) -> None:
+    d = tmp_path / "model"
+    shutil.copytree(arch_models["llama"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "architectures": ["LlamaForNothing"]}))
+    with pytest.raises(ToolError, match="LlamaForNothing.*not supported"):
+        imatrix.converter_plan(d)
