@@ -154,7 +154,29 @@ def write_quantized(src: Path, dest: Path, quantized: Mapping[str, QuantizedLine
         plan[name] = (hf, source)
 
     written: list[dict[str, Any]] = []
-    task = progress.add_task("write GPTQ blocks into the GGUF", total=len(reader.tensors)) \
+    perms: dict[str, np.ndarray] = {}
+    for t in reader.tensors:  # what each tensor becomes, before anything is written
+        if t.name not in plan:
+            continue
+        hf, source = plan[t.name]
+        q = source() if callable(source) else source
+        qtype = q.gguf_type()
+        perm = match_rows(np.asarray(t.data), q) if qtype else None
+        if qtype is None or perm is None:
+            reason = (f"{q.bits}-bit {'sym' if q.sym else 'asym'} group {q.group_size} has no "
+                      "exact llama.cpp block type") if qtype is None else \
+                "the converter changed this tensor beyond a row permutation"
+            not_written.append({"hf": hf, "tensor": t.name, "reason": reason})
+            continue
+        perms[t.name] = perm
+        written.append({"tensor": t.name, "hf": hf, "type": qtype,
+                        "shape": (q.out_features, q.in_features // BLOCK * BLOCK_BYTES[qtype])})
+    types = {w["tensor"]: w["type"] for w in written}
+    counts = {k: list(types.values()).count(k) for k in set(types.values())}
+    file_type = getattr(gguf.LlamaFileType, f"MOSTLY_{max(counts, key=counts.get)}") \
+        if counts else None  # "mostly Q4_0", as llama.cpp labels a file of Q4_0 matmuls
+
+    task = progress.add_task("write quantized blocks into the GGUF", total=len(reader.tensors)) \
         if progress is not None else None
     with atomic_path(dest) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch, endianess=reader.endianess)
@@ -166,29 +188,19 @@ def write_quantized(src: Path, dest: Path, quantized: Mapping[str, QuantizedLine
                 continue
             vtype = f.types[0]
             sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(f.name, f.contents(), vtype, sub_type=sub)
-        perms: dict[str, np.ndarray] = {}
-        for t in reader.tensors:  # every tensor's type and shape before the header is written
-            if t.name in plan:
-                hf, source = plan[t.name]
-                q = source() if callable(source) else source
-                qtype = q.gguf_type()
-                perm = match_rows(np.asarray(t.data), q) if qtype else None
-                if qtype is None or perm is None:
-                    reason = (f"{q.bits}-bit {'sym' if q.sym else 'asym'} group {q.group_size}"
-                              " has no exact llama.cpp block type") if qtype is None else \
-                        "the converter changed this tensor beyond a row permutation"
-                    not_written.append({"hf": hf, "tensor": t.name, "reason": reason})
-                else:
-                    perms[t.name] = perm
-                    written.append({"tensor": t.name, "hf": hf, "type": qtype})
-                    rows, n_in = q.codes.shape
-                    shape = (rows, n_in // BLOCK * BLOCK_BYTES[qtype])
-                    writer.add_tensor_info(t.name, shape, np.dtype(np.uint8), shape[0] * shape[1],
-                                           gguf.GGMLQuantizationType[qtype])
-                    continue
-            writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes,
-                                   t.tensor_type)
+            value = f.contents()
+            if f.name == gguf.Keys.General.FILE_TYPE and file_type is not None:
+                value = int(file_type)
+            writer.add_key_value(f.name, value, vtype, sub_type=sub)
+        by_written = {w["tensor"]: w for w in written}
+        for t in reader.tensors:
+            if t.name in by_written:
+                shape = by_written[t.name]["shape"]
+                writer.add_tensor_info(t.name, shape, np.dtype(np.uint8), shape[0] * shape[1],
+                                       gguf.GGMLQuantizationType[types[t.name]])
+            else:
+                writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes,
+                                       t.tensor_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -202,7 +214,15 @@ def write_quantized(src: Path, dest: Path, quantized: Mapping[str, QuantizedLine
             if task is not None:
                 progress.advance(task)
         writer.close()
+    for w in written:
+        del w["shape"]
     return {"written": written, "not_written": not_written}
+
+
+def checkpoint_sources(ckpt: Any) -> dict[str, Callable[[], QuantizedLinear]]:
+    """``write_quantized``'s ``quantized`` argument for a ``gptq_format.GPTQCheckpoint``: each
+    Linear is read from the checkpoint when its tensor is written."""
+    return {name: (lambda name=name: ckpt.quantized(name)) for name in ckpt.quantized_names()}
 
 
 def keep_overrides(written: list[dict[str, Any]]) -> list[tuple[str, str]]:

@@ -146,8 +146,14 @@ def test_gguf_holds_the_codes_and_llama_cpp_runs_them(
     types = {t.name: t.type for t in read_header(out).tensors}
     assert types["blk.0.attn_q.weight"] == "Q4_0" and types["blk.1.ffn_down.weight"] == "Q8_0"
     assert types["token_embd.weight"] == "F16"
-    # each GGUF tensor is exactly the blocks of the codes, rows in the converter's order
     reader = gguf.GGUFReader(str(out))
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_0
+    src_fields = gguf.GGUFReader(str(f16.path)).fields
+    assert {k for k in src_fields if not k.startswith("GGUF.")} == \
+        {k for k in reader.fields if not k.startswith("GGUF.")}  # every key copied
+    assert reader.fields["tokenizer.ggml.tokens"].contents() == \
+        src_fields["tokenizer.ggml.tokens"].contents()
+    # each GGUF tensor is exactly the blocks of the codes, rows in the converter's order
     by_name = {t.name: t for t in reader.tensors}
     permuted = 0
     for t in res["written"]:

@@ -266,9 +266,8 @@ def test_gptq_q4_0_gguf_matches_the_fake_quantized_model(tiny_llama: Path,
     plain = gptq_format.dequantize_checkpoint(ckpt_dir, tmp_path / "plain")
     f16 = GGUFExporter(GGUFExportConfig(outtype="f16")).export(plain, ctx, tmp_path / "f.gguf")
     ckpt = gptq_format.GPTQCheckpoint(ckpt_dir)
-    res = gguf_blocks.write_quantized(
-        f16.path, tmp_path / "q.gguf",
-        {n: (lambda n=n: ckpt.quantized(n)) for n in ckpt.quantized_names()})
+    res = gguf_blocks.write_quantized(f16.path, tmp_path / "q.gguf",
+                                      gguf_blocks.checkpoint_sources(ckpt))
     assert res["not_written"] == [] and len(res["written"]) == 14
     types = {t.name: t.type for t in read_header(tmp_path / "q.gguf").tensors}
     matmuls = {n for n in types if n.startswith("blk.") and "norm" not in n}
