@@ -11,7 +11,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from typing import Any
 
 from edgesmith import hf_check
 from edgesmith.errors import EdgesmithError, ModelError
-from edgesmith.fsutil import cache_root, sha256_text
+from edgesmith.fsutil import atomic_dir, cache_root, sha256_text
 from edgesmith.safetensors_check import SafetensorsHeader
 from edgesmith.safetensors_check import read_header as read_safetensors_header
 
@@ -251,36 +250,28 @@ def as_hf_dir(ref: ModelRef, progress: Any = None) -> Path:
     if ref.kind == "hf":
         if any(ref.path.glob("*.safetensors")):
             return ref.path
-        try:
-            return _pickle_to_safetensors(ref)
-        except BaseException:
-            shutil.rmtree(_partial(_safetensors_copy_dir(ref)), ignore_errors=True)
-            raise
+        return _pickle_to_safetensors(ref)
     dest = _dequantized_dir(ref)
     if (dest / ".complete").exists():
         return dest
     task = None
     if progress is not None:
         task = progress.add_task(f"dequantize {ref.path.name} (transformers)", total=None)
-    try:
-        _gguf_to_hf_dir(ref.path, dest)
-    except BaseException:  # a full disk, Ctrl-C...: leave no half-written directory behind
-        shutil.rmtree(_partial(dest), ignore_errors=True)
-        raise
+    # written into an owner-tagged temp folder and swapped in (fsutil.atomic_dir): a full disk
+    # or Ctrl-C removes it, a kill -9 leaves it to the next cache sweep, never a half directory
+    with atomic_dir(dest) as tmp:
+        _gguf_to_hf_dir(ref.path, tmp)
     if progress is not None:
         progress.update(task, completed=1, total=1)
     return dest
 
 
-def _gguf_to_hf_dir(gguf_path: Path, dest: Path) -> None:
+def _gguf_to_hf_dir(gguf_path: Path, tmp: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    tmp = _partial(dest)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     kw = {"gguf_file": gguf_path.name}
     src = str(gguf_path.parent)
     from unittest import mock
@@ -312,9 +303,6 @@ def _gguf_to_hf_dir(gguf_path: Path, dest: Path) -> None:
     tok.save_pretrained(tmp)
     _restore_pre_tokenizer(gguf_path, tmp / "tokenizer.json")
     (tmp / ".complete").write_text(str(gguf_path))
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
 
 
 def _restore_pre_tokenizer(gguf_path: Path, tokenizer_json: Path) -> None:
@@ -332,11 +320,6 @@ def _dequantized_dir(ref: ModelRef) -> Path:
     return cache_root() / "hf" / ref.fingerprint()
 
 
-def _partial(dest: Path) -> Path:
-    """Where a cache directory is written before it is renamed into place."""
-    return dest.with_name(dest.name + ".partial")
-
-
 def _safetensors_copy_dir(ref: ModelRef) -> Path:
     return cache_root() / "hf" / f"{ref.name}-{ref.fingerprint()}-st"
 
@@ -350,16 +333,13 @@ def _pickle_to_safetensors(ref: ModelRef) -> Path:
     dest = _safetensors_copy_dir(ref)
     if (dest / ".complete").exists():
         return dest
-    tmp = _partial(dest)
-    shutil.rmtree(tmp, ignore_errors=True)
     with library_errors(ref.path):
         model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch.float32,
                                                      use_safetensors=False)
-    model.save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(ref.path).save_pretrained(tmp)
-    (tmp / ".complete").write_text(str(ref.path))
-    shutil.rmtree(dest, ignore_errors=True)  # an earlier, unfinished one
-    os.replace(tmp, dest)
+    with atomic_dir(dest) as tmp:  # an earlier, unfinished one is replaced
+        model.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(ref.path).save_pretrained(tmp)
+        (tmp / ".complete").write_text(str(ref.path))
     return dest
 
 

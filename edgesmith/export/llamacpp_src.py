@@ -16,13 +16,12 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from edgesmith.errors import DependencyError, ToolError
-from edgesmith.fsutil import cache_root
+from edgesmith.fsutil import cache_root, temp_path
 
 DIST = "llama-cpp-python"
 
@@ -65,7 +64,8 @@ def source_dir(progress: Any = None) -> Path:
         if progress is not None else None  # first run only: pip download + extraction
     root.mkdir(parents=True, exist_ok=True)
     sdist = _fetch_sdist(version, root / "sdist")
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".extract-"))
+    tmp = temp_path(root / "extract")  # owner-tagged: a kill -9 leaves it to the cache sweep
+    tmp.mkdir()
     try:
         prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
         with tarfile.open(sdist) as tar:
