@@ -125,7 +125,8 @@ def _spm_tokenizer(dest: Path, style: str) -> int:
     merges = generate_merges(vocab)
     if style == "gemma":
         GemmaTokenizer(vocab=vocab, merges=merges).save_pretrained(dest)
-        # llama.cpp's Llama-family converters must not add a space prefix either
+        # no space prefix in llama.cpp either (Llama-family converters read this; Gemma's
+        # write it themselves)
         cfg_file = dest / "tokenizer_config.json"
         cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()),
                                         "add_prefix_space": False}))
@@ -242,12 +243,14 @@ def run(request: pytest.FixtureRequest, arch_models: dict[str, Path],
     from typer.testing import CliRunner
 
     from edgesmith.cli import app
+    from edgesmith.export import llamacpp_src
 
     arch = request.param
     d = tmp_path_factory.mktemp(f"arch-{arch}")
     cache = d / "cache"
     cache.mkdir()
-    (cache / "llama.cpp").symlink_to(cache_root() / "llama.cpp")  # the extracted sdist only
+    llamacpp_src.source_dir()  # extracted once into the shared cache; the fresh one links it
+    (cache / "llama.cpp").symlink_to(cache_root() / "llama.cpp")
     args = ["compress", str(arch_models[arch]), "--recipe", _test_recipe(d / "r.yaml"),
             "-o", str(d / "out"), "--threads", "2"]
     res = CliRunner().invoke(app, args, env={"EDGESMITH_CACHE": str(cache), "COLUMNS": "200"})
