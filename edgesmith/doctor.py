@@ -286,6 +286,59 @@ def _fit(ref: models.ModelRef, target: Any, ctx: int, quant: str | None) -> Chec
     return Check("gguf", "fits RAM", "ok", detail)
 
 
+def _llama_cpp_quirks(path: Path, arch: str) -> list[Check]:
+    """What llama.cpp does differently from transformers for some architectures, found while
+    testing each one (tests/unit/test_architectures.py): checked on config.json/tokenizer."""
+    try:
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return []
+    out: list[Check] = []
+    if arch.startswith("Gemma2") or arch.startswith("Gemma3"):
+        head = cfg.get("head_dim") or (cfg.get("hidden_size", 0) // max(1, cfg.get(
+            "num_attention_heads", 1)))
+        q = cfg.get("query_pre_attn_scalar")
+        if q is not None and head and q != head:
+            out.append(Check(
+                "gguf", "attention scale", "warn",
+                f"query_pre_attn_scalar {q} differs from head_dim {head}: llama.cpp scales "
+                f"attention by 1/sqrt(head_dim) for this architecture, so the GGUF's logits "
+                f"differ from transformers' (the F16 baseline's KLD shows by how much)"))
+    if arch.startswith("Phi3"):
+        cfg_tok = path / "tokenizer_config.json"
+        try:
+            tok_cfg = json.loads(cfg_tok.read_text(encoding="utf-8")) if cfg_tok.exists() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            tok_cfg = {}
+        if not isinstance(tok_cfg, dict) or "tokenizer_class" not in tok_cfg:
+            out.append(Check("gguf", "phi3 tokenizer", "fail",
+                             "tokenizer_config.json has no tokenizer_class, which llama.cpp's "
+                             "Phi-3 converter reads", "add the model's tokenizer_config.json"))
+        vocab = _vocab(path)
+        needed = ["<unk>", "<s>", "</s>", "<|endoftext|>"]
+        if vocab is not None and (missing := [t for t in needed if t not in vocab]):
+            out.append(Check("gguf", "phi3 tokenizer", "fail",
+                             f"the vocabulary lacks {', '.join(missing)}, which llama.cpp looks "
+                             "up in every phi3 model (it fails to load: unordered_map::at)",
+                             "use the model's original tokenizer"))
+    return out
+
+
+def _vocab(path: Path) -> set[str] | None:
+    tj = path / "tokenizer.json"
+    if not tj.exists():
+        return None
+    try:
+        data = json.loads(tj.read_text(encoding="utf-8"))
+        vocab = data.get("model", {}).get("vocab", {})
+        names = set(vocab) if isinstance(vocab, dict) else {v[0] for v in vocab
+                                                               if isinstance(v, list) and v}
+        names |= {t.get("content") for t in data.get("added_tokens", []) if isinstance(t, dict)}
+        return {n for n in names if isinstance(n, str)}
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError):
+        return None
+
+
 def _runtime() -> Check:
     if importlib.util.find_spec("llama_cpp") is None:
         return Check("gguf", "runtime", "fail", "llama-cpp-python is not installed",
@@ -346,6 +399,7 @@ def run(spec: str, target_name: str | None = None, recipe: Any = None, ctx: int 
         if ref.kind == "hf":
             rep.checks.append(_converter(arch))
             rep.checks.extend(_tokenizer(ref.path))
+            rep.checks.extend(_llama_cpp_quirks(ref.path, arch))
         rep.checks.extend(_kquant_widths(linears, qtypes))
         rep.checks.extend(_group_sizes(linears, groups))
         if target is not None:

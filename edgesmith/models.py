@@ -43,6 +43,10 @@ CAUSAL_LM_ARCHS = {
     "GemmaForCausalLM",
     "Gemma2ForCausalLM",
     "Phi3ForCausalLM",
+    "Gemma3ForCausalLM",
+    "SmolLM3ForCausalLM",
+    "Olmo2ForCausalLM",
+    "GraniteForCausalLM",
 }
 # Encoders llama.cpp's converter can export (embedding models); no causal-LM quality check.
 ENCODER_ARCHS = {"BertModel", "BertForMaskedLM"}
@@ -199,10 +203,12 @@ def validate(ref: ModelRef) -> None:
     cfg = read_config(ref.path)
     archs = cfg.get("architectures") or []
     arch = archs[0] if archs else None
-    if arch is None or arch not in CAUSAL_LM_ARCHS | ENCODER_ARCHS:
+    known = arch in CAUSAL_LM_ARCHS | ENCODER_ARCHS
+    if arch is None or not (known or _converter_causal_lm(arch)):
         raise ModelError(
             f"unsupported architecture {arch or cfg.get('model_type')!r} in {ref.path}/config.json",
-            "supported: " + ", ".join(sorted(CAUSAL_LM_ARCHS | ENCODER_ARCHS)),
+            "supported: the decoders llama.cpp's converter registers (`edgesmith doctor` "
+            "names its class), tested: " + ", ".join(sorted(CAUSAL_LM_ARCHS | ENCODER_ARCHS)),
         )
     hf_check.check_config(cfg, ref.path / "config.json")
     shards = sorted(ref.path.glob("*.safetensors"))
@@ -239,10 +245,26 @@ def gguf_architecture(path: Path) -> str:
     return str(read_header(path).field("general.architecture", "unknown"))
 
 
+def _converter_causal_lm(arch: str) -> bool:
+    """A decoder llama.cpp's own converter registers (its registry, not a list of ours): the
+    architectures above are the ones tested end to end; any other ``*ForCausalLM`` the installed
+    converter knows goes through the same pipeline, and the doctor's checks."""
+    if not arch.endswith("ForCausalLM"):
+        return False
+    from edgesmith.errors import EdgesmithError
+    from edgesmith.export import converter_info
+
+    try:
+        return converter_info.gguf_arch(arch) is not None
+    except EdgesmithError:  # llama.cpp's sources unavailable: only the tested list
+        return False
+
+
 def is_causal_lm(ref: ModelRef) -> bool:
     if ref.kind == "gguf":
         return gguf_architecture(ref.path) not in {"bert", "nomic-bert", "t5encoder"}
-    return ref.architecture() in CAUSAL_LM_ARCHS
+    arch = ref.architecture()
+    return arch in CAUSAL_LM_ARCHS or _converter_causal_lm(arch)
 
 
 def as_hf_dir(ref: ModelRef, progress: Any = None) -> Path:

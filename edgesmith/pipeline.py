@@ -154,7 +154,7 @@ def _imatrix(hf_dir: Path, recipe: Recipe, cache: Path, ctx: RunContext) -> imat
     task = ctx.task("load the model for calibration (transformers, fp32)", total=None)
     model, tok = models.load_hf(hf_dir)
     ctx.progress.update(task, total=1, completed=1)
-    imx = imatrix.compute(model, tok, calib, ctx.progress)
+    imx = imatrix.compute(model, tok, calib, ctx.progress, hf_dir=hf_dir)
     imatrix.save(imx, path)
     return imx
 

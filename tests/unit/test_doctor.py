@@ -127,3 +127,24 @@ def test_compress_stops_at_once_with_the_doctors_line(tiny_llama: Path, tmp_path
     assert len(errors) == 1 and "pre-tokenizer" in errors[0] and "edgesmith doctor" in errors[0]
     assert "Traceback" not in p.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_llama_cpp_quirks_found_while_testing_each_architecture(tmp_path: Path) -> None:
+    gemma = tmp_path / "gemma"
+    gemma.mkdir()
+    (gemma / "config.json").write_text(json.dumps(
+        {"hidden_size": 256, "num_attention_heads": 4, "head_dim": 64,
+         "query_pre_attn_scalar": 256}))
+    (c,) = doctor._llama_cpp_quirks(gemma, "Gemma3ForCausalLM")
+    assert c.status == "warn" and "query_pre_attn_scalar 256 differs from head_dim 64" in c.detail
+    (gemma / "config.json").write_text(json.dumps({"head_dim": 64, "query_pre_attn_scalar": 64}))
+    assert doctor._llama_cpp_quirks(gemma, "Gemma3ForCausalLM") == []
+    phi = tmp_path / "phi"
+    phi.mkdir()
+    (phi / "config.json").write_text("{}")
+    (phi / "tokenizer_config.json").write_text("{}")
+    (phi / "tokenizer.json").write_text(json.dumps(
+        {"model": {"type": "BPE", "vocab": {"<s>": 0, "</s>": 1, "a": 2}}, "added_tokens": []}))
+    fails = doctor._llama_cpp_quirks(phi, "Phi3ForCausalLM")
+    assert [c.status for c in fails] == ["fail", "fail"]
+    assert "tokenizer_class" in fails[0].detail and "<unk>, <|endoftext|>" in fails[1].detail
