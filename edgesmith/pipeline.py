@@ -128,22 +128,53 @@ def check_gates(recipe: Recipe, q: quality.QualityResult, size_bytes: int) -> li
     return fails
 
 
-def _torch_passes(hf_dir: Path, steps: list[Step], ctx: RunContext, cache: Path) -> Path:
-    """Run torch-side passes on the HF model; the result is saved (cached) as safetensors."""
+@dataclass
+class TorchResult:
+    """What the torch-side passes hand on: the directory the exporter reads (a plain HF model,
+    or a GPTQ checkpoint), the plain HF directory that transformers loads (the imatrix's), and
+    the passes' reports for the manifest."""
+
+    export_dir: Path
+    plain_dir: Path
+    reports: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _torch_passes(hf_dir: Path, steps: list[Step], ctx: RunContext, cache: Path,
+                  calib: imatrix.CalibrationConfig) -> TorchResult:
+    """Run torch-side passes on the HF model; the result is saved (cached, keyed by the steps
+    and the calibration) as safetensors, or as a GPTQ checkpoint after a quantizing pass."""
+    from edgesmith.compress import gptq_format, qweights
+    from edgesmith.export.gguf import plain_dir
+
     todo = [s for s in steps if s.kind == "torch"]
     if not todo:
-        return hf_dir
-    key = sha256_text("|".join(f"{s.name}:{s.config.model_dump_json()}" for s in todo))[:16]
+        return TorchResult(hf_dir, hf_dir)
+    key = sha256_text("|".join([*(f"{s.name}:{s.config.model_dump_json()}" for s in todo),
+                                imatrix.cache_key(calib)]))[:16]
     dest = cache / f"hf-{key}"
-    if (dest / "config.json").exists():
-        return dest
-    model, tok = models.load_hf(hf_dir)
-    for s in todo:
-        model = PASSES[s.name](s.config).run(model, ctx)
-    with atomic_dir(dest) as tmp:  # a killed save must not look like a cached model
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-    return dest
+    reports_file = cache / f"hf-{key}.passes.json"
+    if not ((dest / "config.json").exists() and reports_file.exists()):
+        ctx.extras["calibration"] = calib
+        ctx.extras["pass_reports"] = []
+        first = PASSES[todo[0].name](todo[0].config)
+        if len(todo) == 1 and hasattr(first, "run_dir") and any(hf_dir.glob("*.safetensors")):
+            first.run_dir(hf_dir, dest, ctx)  # streamed: one decoder layer in memory
+        else:
+            model, tok = models.load_hf(hf_dir)
+            ctx.extras["tokenizer"] = tok
+            for s in todo:
+                model = PASSES[s.name](s.config).run(model, ctx)
+            if qweights.attached(model):
+                gptq_format.save_model(model, dest, tokenizer=tok)
+            else:
+                with atomic_dir(dest) as tmp:  # a killed save must not look like a cached model
+                    model.save_pretrained(tmp, safe_serialization=True)
+                    tok.save_pretrained(tmp)
+        write_json_atomic(reports_file, ctx.extras.pop("pass_reports", []))
+    reports = json.loads(reports_file.read_text())
+    if gptq_format.is_gptq_dir(dest):  # transformers and the converter read the plain model
+        return TorchResult(dest, plain_dir(dest), reports)
+    return TorchResult(dest, dest, reports)
 
 
 def _imatrix(hf_dir: Path, recipe: Recipe, cache: Path, ctx: RunContext) -> imatrix.IMatrix:
@@ -203,6 +234,21 @@ def _format_pass_cached(step: Step, src: Artifact, ctx: RunContext, recipe: Reci
     return out
 
 
+def _exact_tensors(export: Artifact, final: Artifact) -> dict[str, Any]:
+    """The manifest's record of the tensors a torch-side pass wrote as exact blocks (copied by
+    the quantizer) and of those it took but the format re-quantized."""
+    if "written" not in export.meta:
+        return {}
+    return {"exact_tensors": export.meta["written"],
+            "copied_tensors": final.meta.get("copied", []),
+            "requantized_tensors": export.meta.get("not_written", [])}
+
+
+def _warnings(export: Artifact) -> list[str]:
+    return [f"{n.get('tensor') or n['hf']} was quantized by the pass but re-quantized for the "
+            f"format: {n['reason']}" for n in export.meta.get("not_written", [])]
+
+
 def compress(spec: str, recipe: Recipe, opts: Options, progress: Any) -> dict[str, Any]:
     """Run ``recipe`` on model ``spec``; returns the manifest (also written to out_dir)."""
     t = Timings()
@@ -228,13 +274,14 @@ def compress(spec: str, recipe: Recipe, opts: Options, progress: Any) -> dict[st
         source_hf = models.as_hf_dir(ref, progress)
         sha = input_hash(ref, cache, progress)
     with t.stage("torch_passes"):
-        hf_dir = _torch_passes(source_hf, recipe.steps, ctx, cache)
+        passed = _torch_passes(source_hf, recipe.steps, ctx, cache, recipe.model.calibration)
+        hf_dir = passed.export_dir
     with t.stage("reference"):
         spec_eval = quality.EvalSpec(recipe.model.eval.ctx, recipe.model.eval.windows)
         reference = quality.reference(source_hf, spec_eval, cache, progress, ctx.threads)
     if any(s.name == "gguf_quantize" and s.config.imatrix for s in recipe.steps):
         with t.stage("imatrix"):
-            ctx.extras["imatrix"] = _imatrix(hf_dir, recipe, cache, ctx)
+            ctx.extras["imatrix"] = _imatrix(passed.plain_dir, recipe, cache, ctx)
     artifact: Artifact | None = None
     baseline: Artifact | None = None
     version = llamacpp_src.installed_version()
@@ -246,11 +293,16 @@ def compress(spec: str, recipe: Recipe, opts: Options, progress: Any) -> dict[st
             exporter = EXPORTERS[step.name](step.config)
             outtype = step.config.outtype.upper()
             cached = cache / _converted_name(ref, hf_dir, outtype, version)
+            meta_file = cached.with_name(cached.name + ".json")
             with t.stage("convert"):
-                if cached.exists():
-                    artifact = Artifact(cached, "gguf", {"type": outtype, "cached": True})
+                # an export that wrote a pass's blocks is a cache hit only with its metadata
+                if cached.exists() and (meta_file.exists() or hf_dir == passed.plain_dir):
+                    meta = json.loads(meta_file.read_text()) if meta_file.exists() else \
+                        {"type": outtype}
+                    artifact = Artifact(cached, "gguf", {**meta, "cached": True})
                 else:
                     artifact = exporter.export(hf_dir, ctx, cached)
+                    write_json_atomic(meta_file, artifact.meta)
             baseline = artifact
         elif step.kind == "format":
             assert artifact is not None
@@ -287,7 +339,10 @@ def compress(spec: str, recipe: Recipe, opts: Options, progress: Any) -> dict[st
             "quality": q.as_dict(),
             "tensors": artifact.meta.get("tensors", []),
             "fallbacks": artifact.meta.get("fallbacks", []),
+            **_exact_tensors(baseline, artifact),
         }],
+        "passes": passed.reports,
+        "warnings": _warnings(baseline),
         "gates": {"passed": not failures, "failures": failures,
                   "limits": recipe.model.gates.model_dump()},
         "timings_s": t.seconds,

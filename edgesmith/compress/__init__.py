@@ -9,7 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from edgesmith.compress.gguf_quantize import GGUFQuantizePass
+from edgesmith.compress.gptq import GPTQPass
 
 PASSES: dict[str, Any] = {
+    "gptq": GPTQPass,
     "gguf_quantize": GGUFQuantizePass,
 }

@@ -5,6 +5,11 @@ its importance-matrix input, so quantization runs in the same library that serve
 What llama.cpp actually did is recorded: the type of every tensor is read back from the output
 GGUF, and the fallbacks llama.cpp logs (for example q4_K -> q5_0 for a row of 576 values, not a
 multiple of 256) are captured from its log.
+
+Tensors a torch-side pass already wrote as exact llama.cpp blocks (GPTQ's Q4_0/Q4_1/Q8_0,
+``artifact.meta["written"]``) are kept: a tensor-type override pins each to its own type, and
+llama.cpp copies a tensor whose type equals its target, byte for byte; only the rest is
+quantized.
 """
 
 from __future__ import annotations
@@ -62,9 +67,28 @@ def _imatrix_array(imx: IMatrix, keep: list[Any]) -> Any:
     return arr
 
 
-def quantize(src: Path, dest: Path, qtype: str, imx: IMatrix | None, ctx: RunContext) \
-        -> dict[str, Any]:
-    """Quantize ``src`` into ``dest`` (atomically); return per-tensor types and fallbacks."""
+def _overrides_array(written: list[dict[str, Any]], keep: list[Any]) -> Any:
+    """llama.cpp tensor-type overrides that keep each ``written`` tensor's own type."""
+    import llama_cpp
+
+    from edgesmith.export import gguf_blocks
+
+    ov = gguf_blocks.keep_overrides(written)
+    arr = (llama_cpp.llama_model_tensor_override * (len(ov) + 1))()
+    for i, (pattern, ttype) in enumerate(ov):
+        b = pattern.encode()
+        keep.append(b)
+        arr[i].pattern = b
+        arr[i].type = getattr(llama_cpp, f"GGML_TYPE_{ttype}")
+    arr[len(ov)].pattern = None  # terminator
+    keep.append(arr)
+    return arr
+
+
+def quantize(src: Path, dest: Path, qtype: str, imx: IMatrix | None, ctx: RunContext,
+             keep_tensors: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Quantize ``src`` into ``dest`` (atomically); return per-tensor types and fallbacks.
+    ``keep_tensors`` (``[{tensor, type}]``) are copied unchanged, not re-quantized."""
     llama_cpp = require("llama_cpp", "gguf")
     from llama_cpp import _logger
 
@@ -79,6 +103,9 @@ def quantize(src: Path, dest: Path, qtype: str, imx: IMatrix | None, ctx: RunCon
     if imx is not None:
         params.imatrix = ctypes.cast(_imatrix_array(imx, keep),
                                      ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    if keep_tensors:
+        params.tt_overrides = ctypes.cast(_overrides_array(keep_tensors, keep),
+                                          ctypes.POINTER(llama_cpp.llama_model_tensor_override))
     label = f"quantize {qtype}" + (" + imatrix" if imx else "") + " (llama.cpp)"
     task = ctx.task(label, total=None)
     chunks: list[str] = []
@@ -109,8 +136,17 @@ def quantize(src: Path, dest: Path, qtype: str, imx: IMatrix | None, ctx: RunCon
          "wanted": m.group(4), "got": m.group(5)}
         for m in _FALLBACK.finditer(log_text)
     ]
-    return {"tensors": tensor_types(dest), "fallbacks": fallbacks,
-            "imatrix_entries": len(imx.data) if imx else 0}
+    tensors = tensor_types(dest)
+    out: dict[str, Any] = {"tensors": tensors, "fallbacks": fallbacks,
+                           "imatrix_entries": len(imx.data) if imx else 0}
+    if keep_tensors:
+        types = {t["name"]: t["type"] for t in tensors}
+        changed = [k["tensor"] for k in keep_tensors if types.get(k["tensor"]) != k["type"]]
+        if changed:  # the override did not hold: the pass's exact blocks were lost
+            raise ToolError(f"llama.cpp re-quantized tensors written as exact blocks: "
+                            f"{', '.join(changed[:6])}", "report this with --debug output")
+        out["copied"] = [k["tensor"] for k in keep_tensors]
+    return out
 
 
 class GGUFQuantizePass:
@@ -127,5 +163,6 @@ class GGUFQuantizePass:
         qtype = self.config.type
         imx = ctx.extras.get("imatrix") if self.config.imatrix else None
         dest = ctx.extras.get("dest") or artifact.path.with_name(f"model.{qtype}.gguf")
-        info = quantize(artifact.path, Path(dest), qtype, imx, ctx)
+        info = quantize(artifact.path, Path(dest), qtype, imx, ctx,
+                        keep_tensors=artifact.meta.get("written") or None)
         return Artifact(Path(dest), "gguf", {"type": qtype, "imatrix": imx is not None, **info})

@@ -3,6 +3,11 @@
 The converter is llama.cpp's own convert_hf_to_gguf.py from the sdist of the installed
 llama-cpp-python (see llamacpp_src), run in a subprocess: it loads tensors lazily, so peak
 memory stays near one tensor, and its output is exactly what this llama.cpp expects.
+
+A GPTQ checkpoint (compress/gptq_format.py) is converted from its dequantized plain directory
+(``plain_dir``), then its quantized Linears are written into the GGUF as the exact llama.cpp
+blocks of their codes and scales (export/gguf_blocks.py): Q4_0, Q4_1 or Q8_0. A Linear no block
+type holds exactly stays as the converter wrote it and is listed in ``not_written``.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import psutil
 from pydantic import BaseModel, ConfigDict
@@ -86,6 +91,35 @@ def convert(hf_dir: Path, dest: Path, outtype: str, ctx: RunContext) -> dict[str
     return {"peak_rss_bytes": float(peak["rss"]), "peak_anon_bytes": float(peak["anon"])}
 
 
+def plain_dir(checkpoint: Path) -> Path:
+    """The dequantized plain HF directory beside a GPTQ checkpoint (made once, atomically)."""
+    from edgesmith.compress import gptq_format
+
+    plain = checkpoint.with_name(checkpoint.name + "-plain")
+    if not (plain / "config.json").exists():
+        gptq_format.dequantize_checkpoint(checkpoint, plain)
+    return plain
+
+
+def _export_gptq(checkpoint: Path, dest: Path, outtype: str, ctx: RunContext) -> dict[str, Any]:
+    from edgesmith.compress import gptq_format
+    from edgesmith.export import gguf_blocks
+
+    plain = plain_dir(checkpoint)
+    converted = dest.with_name(dest.name + ".converted.gguf")
+    stats = convert(plain, converted, outtype, ctx)
+    try:
+        ckpt = gptq_format.GPTQCheckpoint(checkpoint)
+        res = gguf_blocks.write_quantized(converted, dest, gguf_blocks.checkpoint_sources(ckpt),
+                                          ctx.progress)
+    finally:
+        converted.unlink(missing_ok=True)
+    kinds = sorted({w["type"] for w in res["written"]})
+    label = "+".join([outtype.upper(), *kinds])
+    return {"type": label, **stats, "written": res["written"],
+            "not_written": res["not_written"], "gptq": True}
+
+
 class GGUFExporter:
     """Exporter plug point: ``export(hf_dir, ctx) -> Artifact``."""
 
@@ -98,5 +132,9 @@ class GGUFExporter:
     def export(self, hf_dir: Path, ctx: RunContext, dest: Path | None = None) -> Artifact:
         outtype = self.config.outtype
         dest = dest or ctx.cache_dir / f"model.{outtype.upper()}.gguf"
+        from edgesmith.compress import gptq_format
+
+        if gptq_format.is_gptq_dir(hf_dir):
+            return Artifact(dest, "gguf", _export_gptq(hf_dir, dest, outtype, ctx))
         stats = convert(hf_dir, dest, outtype, ctx)
         return Artifact(dest, "gguf", {"type": outtype.upper(), **stats})
