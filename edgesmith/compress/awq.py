@@ -294,7 +294,8 @@ def fake_quant(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     out, n_in = w.shape
     g = w.float().reshape(out, n_in // spec.group_size, spec.group_size)
     scale, zero = group_params(g, spec.bits, spec.sym)
-    return fake_quantize(g, scale[..., None], zero[..., None], spec.bits).reshape(out, n_in)
+    return fake_quantize(g, scale[..., None], zero[..., None], spec.bits,
+                         spec.sym).reshape(out, n_in)
 
 
 @torch.no_grad()
@@ -375,7 +376,7 @@ def search_clip(weight: torch.Tensor, x: torch.Tensor, spec: QuantSpec, n_grid: 
             m = org_max * (1 - i / n_grid)
             cw = torch.clamp(w, -m, m)
             scale, zero = group_params(cw, spec.bits, spec.sym)
-            qw = fake_quantize(cw, scale[..., None], zero[..., None], spec.bits)
+            qw = fake_quantize(cw, scale[..., None], zero[..., None], spec.bits, spec.sym)
             err = (torch.bmm(xg, qw.permute(1, 2, 0)) - org_out).pow(2).mean(1)  # [G, o]
             err = err.t()[..., None]  # [o, G, 1]
             better = err < min_err

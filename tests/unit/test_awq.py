@@ -331,3 +331,23 @@ def test_unknown_structure_is_refused_before_any_work(arch: str) -> None:
     with pytest.raises(ModelError, match="AWQ does not know the structure"):
         awq.awq(model, torch.zeros(2, 16, dtype=torch.long), awq.AWQConfig(group_size=32))
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_every_layer_gets_its_own_mask_and_rotary_embeddings() -> None:
+    """Gemma 3 alternates sliding-window layers (local rotary base) and global ones: the inputs
+    the searches see are the model's own only if each layer is run with its own arguments."""
+    model = _random("gemma3_text", 4, sliding_window=8,
+                    layer_types=["sliding_attention", "full_attention"])
+    ids = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(0))
+    layers = awq.decoder_layers(model)
+    x, kwargs_of = awq._capture(model, layers, ids)
+    with torch.no_grad():
+        want = model.model(input_ids=ids, use_cache=False).last_hidden_state
+        h = x
+        for layer, kw in zip(layers, kwargs_of, strict=True):
+            h = layer(h, **kw)  # kwargs of one chunk, broadcast over the batch
+        assert float((model.model.norm(h) - want).abs().max()) < 1e-5
+        h = x
+        for layer in layers:  # layer 0's arguments everywhere: not the model
+            h = layer(h, **kwargs_of[0])
+        assert float((model.model.norm(h) - want).abs().max()) > 1e-3
