@@ -149,8 +149,9 @@ def _torch_passes(hf_dir: Path, steps: list[Step], ctx: RunContext, cache: Path,
     todo = [s for s in steps if s.kind == "torch"]
     if not todo:
         return TorchResult(hf_dir, hf_dir)
+    calib_key = f"{calib.samples}:{calib.seq_len}:{sha256_text(calib.text())}"
     key = sha256_text("|".join([*(f"{s.name}:{s.config.model_dump_json()}" for s in todo),
-                                imatrix.cache_key(calib)]))[:16]
+                                calib_key]))[:16]
     dest = cache / f"hf-{key}"
     reports_file = cache / f"hf-{key}.passes.json"
     if not ((dest / "config.json").exists() and reports_file.exists()):
