@@ -58,7 +58,11 @@ class AWQConfig(BaseModel):
     duo_scaling: bool = Field(True, description="s = x^a / w^(1-a); false: s = x^a")
     n_grid: int = Field(20, ge=1, le=100, description="grid points of the scale search; the "
                                                       "clipping search takes half as many")
-    clip: bool = Field(True, description="search the clipping of each weight group")
+    # measured on a trained tiny Llama: clipping for this grid helps when the weights are then
+    # rounded on it (RTN, GGUF Q4_0/Q4_1 blocks) and hurts before GPTQ or llama.cpp's k-quants,
+    # which choose their own ranges from the unclipped weights
+    clip: bool = Field(True, description="search the clipping of each weight group; false "
+                                         "before gptq or a k-quant gguf_quantize step")
 
     def spec(self) -> QuantSpec:
         return QuantSpec(self.bits, self.group_size, self.sym)
@@ -454,8 +458,14 @@ def awq(model: Any, ids: torch.Tensor, cfg: AWQConfig, progress: Any = None) \
         layer.to(home)
         if task is not None:
             progress.advance(task)
-    return {"settings": cfg.model_dump(), "layers": report, "tokens": int(ids.numel()),
-            "seconds": round(time.perf_counter() - t0, 2)}
+    prefix = _layers_prefix(model, layers)
+    changed = sorted({f"{prefix}.{e['layer']}.{name}.weight"
+                      for e, groups in zip(report, plans, strict=True)
+                      for name in [*(n for g in groups for n in (g.prev, *g.linears)),
+                                   *e["clipped"]]})
+    return {"pass": "awq", "settings": cfg.model_dump(mode="json"), "layers": report,
+            "tokens": int(ids.numel()), "seconds": round(time.perf_counter() - t0, 2),
+            "changed": changed}
 
 
 def _layer(layer: torch.nn.Module, groups: list[Group], x: torch.Tensor, kw: dict[str, Any],
@@ -519,7 +529,8 @@ class AWQPass:
 
     The calibration comes from ``ctx.extras``: ``tokenizer`` (required) and ``calibration``
     (a CalibrationConfig, the recipe's; default: the builtin calibration text). The report
-    (settings, per-layer search losses) is left in ``ctx.extras["reports"]["awq"]``.
+    (settings, per-layer search losses, the weights it changed) is ``self.report`` and is
+    appended to ``ctx.extras["pass_reports"]`` (the manifest's ``passes``).
     """
 
     name = "awq"
@@ -528,6 +539,7 @@ class AWQPass:
 
     def __init__(self, config: AWQConfig | None = None) -> None:
         self.config = config or AWQConfig()
+        self.report: dict[str, Any] = {}
 
     def run(self, model: Any, ctx: RunContext) -> Any:
         tokenizer = ctx.extras.get("tokenizer")
@@ -536,6 +548,6 @@ class AWQPass:
                              "run it through a recipe (edgesmith compress)")
         calib = ctx.extras.get("calibration") or CalibrationConfig()
         ids = calibration_ids(tokenizer, calib)
-        report = awq(model, ids, self.config, ctx.progress)
-        ctx.extras.setdefault("reports", {})["awq"] = report
+        self.report = awq(model, ids, self.config, ctx.progress)
+        ctx.extras.setdefault("pass_reports", []).append(self.report)
         return model
