@@ -103,7 +103,6 @@ class TemplateLimitError(TemplateRenderError):
         super().__init__(f"the model's chat template {problem}", HINT)
 
 
-_ITER_BYTES = 8  # charged per loop iteration: the slot of what one iteration may keep
 _CALL_BYTES = 64  # per call
 _SLOT_BYTES = 64  # per entry of a container a call or filter made: the small object it may hold
 _MACRO_BYTES = 1024  # per macro definition executed (a function, its closure)
@@ -148,11 +147,11 @@ class _Render:
     def metered(self, iterable: Iterable[Any]) -> Iterator[Any]:
         deadline, monotonic = self.deadline, time.monotonic
         for item in iterable:
+            # time only: an iteration keeps nothing by itself (what a loop keeps, a value or
+            # output, is charged where it is made); an empty loop is the deadline's, so its
+            # error says so instead of a misleading memory figure
             if monotonic() > deadline:
                 self.tick()
-            self.bytes_left -= _ITER_BYTES
-            if self.bytes_left < 0:
-                self.charge(0)
             yield item
 
     # -- sizes ----------------------------------------------------------------------------
