@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from edgesmith.compress.awq import AWQPass
 from edgesmith.compress.gguf_quantize import GGUFQuantizePass
 from edgesmith.compress.gptq import GPTQPass
 
 PASSES: dict[str, Any] = {
+    "awq": AWQPass,
     "gptq": GPTQPass,
     "gguf_quantize": GGUFQuantizePass,
 }
