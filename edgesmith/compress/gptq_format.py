@@ -32,6 +32,7 @@ import torch
 
 from edgesmith.compress.qweights import QCONFIG_ATTR, QuantizedLinear, QuantSpec, attached
 from edgesmith.errors import ModelError
+from edgesmith.fsutil import temp_path
 
 
 # --- bit packing: a little-endian bit stream along axis 0, in 32-bit words -------------------
@@ -145,9 +146,9 @@ class CheckpointWriter:
     def __init__(self, dest: Path, checkpoint_format: str = "gptq") -> None:
         self.dest = Path(dest)
         self.v2 = checkpoint_format == "gptq_v2"
-        self.tmp = self.dest.with_name(self.dest.name + ".partial")
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = temp_path(self.dest)  # owner-tagged: a kill -9 leaves it to the cache sweep
+        self.tmp.mkdir()
         self.weight_map: dict[str, str] = {}
         self.total = 0
         self._pending: dict[str, torch.Tensor] = {}
@@ -302,9 +303,9 @@ def dequantize_checkpoint(src: Path, dest: Path, dtype: torch.dtype = torch.floa
 
     ckpt = GPTQCheckpoint(src)
     dest = Path(dest)
-    tmp = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(dest)
+    tmp.mkdir()
     try:
         weight_map: dict[str, str] = {}
         for shard, keys in ckpt.shards().items():
