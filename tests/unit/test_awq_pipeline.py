@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,7 +48,10 @@ def test_awq_then_q4_k_m(tiny_llama: Path, tmp_path: Path) -> None:
 
 
 def test_awq_then_gptq_composes(tiny_llama: Path, tmp_path: Path) -> None:
-    man = _compress(tiny_llama, tmp_path, "  - awq: {bits: 4, group_size: 32, sym: true, "
+    # a copy: its own cache entry, so the GPTQ-only tests find one checkpoint for tiny_llama
+    model = tmp_path / "tiny-llama-copy"
+    shutil.copytree(tiny_llama, model)
+    man = _compress(model, tmp_path, "  - awq: {bits: 4, group_size: 32, sym: true, "
                     "clip: false}\n  - gptq: {bits: 4, group_size: 32, sym: true}\n"
                     "  - export: {format: gguf, outtype: f16}\n"
                     "  - gguf_quantize: {type: Q4_0, imatrix: true}")
