@@ -34,8 +34,17 @@ def _compress(model: Path, d: Path, steps: str) -> dict:  # type: ignore[type-ar
     return json.loads((d / "out" / "manifest.json").read_text())
 
 
+def _copy(tiny_llama: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny Llama: its own cache entry, so the other tests of tiny_llama find
+    only their own quantized files and checkpoints in its cache."""
+    model = tmp_path / "tiny-llama-copy"
+    shutil.copytree(tiny_llama, model)
+    return model
+
+
 def test_awq_then_q4_k_m(tiny_llama: Path, tmp_path: Path) -> None:
-    man = _compress(tiny_llama, tmp_path, "  - awq: {bits: 4, group_size: 32, clip: false}\n"
+    model = _copy(tiny_llama, tmp_path)
+    man = _compress(model, tmp_path, "  - awq: {bits: 4, group_size: 32, clip: false}\n"
                     "  - export: {format: gguf, outtype: f16}\n"
                     "  - gguf_quantize: {type: Q4_K_M, imatrix: true}")
     (rep,) = man["passes"]
@@ -48,9 +57,7 @@ def test_awq_then_q4_k_m(tiny_llama: Path, tmp_path: Path) -> None:
 
 
 def test_awq_then_gptq_composes(tiny_llama: Path, tmp_path: Path) -> None:
-    # a copy: its own cache entry, so the GPTQ-only tests find one checkpoint for tiny_llama
-    model = tmp_path / "tiny-llama-copy"
-    shutil.copytree(tiny_llama, model)
+    model = _copy(tiny_llama, tmp_path)
     man = _compress(model, tmp_path, "  - awq: {bits: 4, group_size: 32, sym: true, "
                     "clip: false}\n  - gptq: {bits: 4, group_size: 32, sym: true}\n"
                     "  - export: {format: gguf, outtype: f16}\n"
