@@ -215,6 +215,17 @@ def _new_temp(dest: Path, directory: bool) -> Path:
 
 # --- atomic files and folders ---------------------------------------------------------------
 
+def _begin(dest: Path, directory: bool) -> Path:
+    """The owned temp file or folder beside ``dest`` (its directory made, dead runs' temp
+    files swept first); an OSError is the user's OutputError."""
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale(dest.parent)
+        return _new_temp(dest, directory=directory)
+    except OSError as exc:
+        raise _translate_os_error(exc, dest) from exc
+
+
 @contextlib.contextmanager
 def atomic_path(dest: Path, force: bool = True) -> Iterator[Path]:
     """Yield a temp path beside ``dest``; rename it over ``dest`` only if the block succeeds.
@@ -226,12 +237,7 @@ def atomic_path(dest: Path, force: bool = True) -> Iterator[Path]:
     dest = Path(dest)
     if not force:
         check_writable(dest, force)
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        sweep_stale(dest.parent)
-        tmp = _new_temp(dest, directory=False)
-    except OSError as exc:
-        raise _translate_os_error(exc, dest) from exc
+    tmp = _begin(dest, directory=False)
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())
@@ -253,12 +259,7 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
     leaves ``dest`` absent and the ``.old`` folder to the next sweep.
     """
     dest = Path(dest)
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        sweep_stale(dest.parent)
-        tmp = _new_temp(dest, directory=True)
-    except OSError as exc:
-        raise _translate_os_error(exc, dest) from exc
+    tmp = _begin(dest, directory=True)
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
