@@ -11,8 +11,12 @@ from typing import Any
 from edgesmith.compress.awq import AWQPass
 from edgesmith.compress.gguf_quantize import GGUFQuantizePass
 from edgesmith.compress.gptq import GPTQPass
+from edgesmith.compress.merge_lora import MergeLoRAPass
+from edgesmith.compress.prune import PrunePass
 
 PASSES: dict[str, Any] = {
+    "merge_lora": MergeLoRAPass,
+    "prune": PrunePass,
     "awq": AWQPass,
     "gptq": GPTQPass,
     "gguf_quantize": GGUFQuantizePass,
