@@ -143,7 +143,9 @@ class PrunePass:
         model.train(was_training)
         after = count_params(model)
         report = {"pass": "prune", "method": self.config.method,
-                  "settings": self.config.model_dump(mode="json"),
+                  "settings": {k: v for k, v in self.config.model_dump(mode="json").items()
+                               if k not in (UNSTRUCTURED_KEYS if self.config.method ==
+                                            "structured" else STRUCTURED_KEYS)},
                   "params_before": before["total"], "params_after": after["total"],
                   "nonzero_before": before["nonzero"], "nonzero_after": after["nonzero"],
                   "params_ratio": round(after["total"] / before["total"], 4),
