@@ -58,6 +58,11 @@ def bench(
     output: Path = typer.Option(None, "--output", "-o", help="Results JSON to write."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing -o."),
     as_json: bool = typer.Option(False, "--json", help="Print the results JSON on stdout."),
+    runtime: str = typer.Option(None, "--runtime",
+                                help="browser: an ONNX model folder in onnxruntime-web inside "
+                                     "headless chromium (default: from the artifact's format)."),
+    browser_backend: str = typer.Option("wasm", "--browser-backend",
+                                        help="With --runtime browser: webgpu or wasm."),
 ) -> None:
     """Benchmark an artifact: load time, time to first token, prefill and decode tokens/s,
     peak memory, size and the roofline bound, as median and spread over repeats.
@@ -68,6 +73,9 @@ def bench(
 
     Example: edgesmith bench out/model.Q4_K_M.gguf --remote http://pi.local:8080
     --api-key-file key -o results/pi5.json
+
+    Example: edgesmith bench out/web/ --runtime browser --browser-backend wasm
+    -o results/chromium-wasm.json
     """
     import psutil
 
@@ -90,8 +98,21 @@ def bench(
                              "measure quality locally: quality does not depend on the device")
     if remote and not api_key_file:
         raise EdgesmithError("--remote needs --api-key-file", "pass the server's key file")
+    if runtime is not None and runtime != "browser":
+        raise EdgesmithError(f"unknown --runtime {runtime!r}", "use --runtime browser")
+    if runtime == "browser" and (remote or quality):
+        raise EdgesmithError("--runtime browser runs in a local chromium, without --remote or "
+                             "--quality", "measure quality with the onnxruntime runner")
     with make_progress() as progress:
-        if remote:
+        if runtime == "browser":
+            from edgesmith.bench.runners.browser import bench_browser
+
+            n = threads or psutil.cpu_count(logical=False) or 1
+            spec = speed.SpeedSpec(threads=n, prompt_tokens=prompt_tokens,
+                                   gen_tokens=gen_tokens, repeat=repeat, warmup=warmup)
+            result = bench_browser(artifact, spec, browser_backend, device=device,
+                                   progress=progress, command=sys.argv)
+        elif remote:
             from edgesmith.bench.remote import bench_remote
             from edgesmith.device_server.cli import read_api_key
 
