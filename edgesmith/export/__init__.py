@@ -5,7 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from edgesmith.export.gguf import GGUFExporter
+from edgesmith.export.hf_gptq import HFGPTQExporter
+from edgesmith.export.onnx import OnnxExporter
 
 EXPORTERS: dict[str, Any] = {
     "gguf": GGUFExporter,
+    "onnx": OnnxExporter,
+    "hf-gptq": HFGPTQExporter,
 }
