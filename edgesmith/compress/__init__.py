@@ -9,15 +9,19 @@ from __future__ import annotations
 from typing import Any
 
 from edgesmith.compress.awq import AWQPass
+from edgesmith.compress.distill import DistillPass
 from edgesmith.compress.gguf_quantize import GGUFQuantizePass
 from edgesmith.compress.gptq import GPTQPass
 from edgesmith.compress.merge_lora import MergeLoRAPass
+from edgesmith.compress.onnx_quantize import OnnxQuantizePass
 from edgesmith.compress.prune import PrunePass
 
 PASSES: dict[str, Any] = {
     "merge_lora": MergeLoRAPass,
     "prune": PrunePass,
+    "distill": DistillPass,
     "awq": AWQPass,
     "gptq": GPTQPass,
     "gguf_quantize": GGUFQuantizePass,
+    "onnx_quantize": OnnxQuantizePass,
 }
