@@ -81,6 +81,8 @@ def compress(
     allow_pickle: bool = typer.Option(False, "--allow-pickle",
                                       help="Allow pickle checkpoints (can execute code)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON on stdout."),
+    adapter: str = typer.Option(None, "--adapter",
+                                help="PEFT LoRA adapter dir merged first (a merge_lora step)."),
 ) -> None:
     """Compress a model for a device: recipe steps, real-runtime quality check, gates.
 
@@ -88,6 +90,8 @@ def compress(
     with code 2 and a one-line reason when a quality gate is missed.
 
     Example: edgesmith compress builtin:smollm2-135m --target raspberry-pi-5 -o out/
+
+    Example: edgesmith compress ./base --adapter ./my-adapter --target raspberry-pi-5 -o out/
     """
     from edgesmith import pipeline, recipe
     from edgesmith.context import make_progress
@@ -96,6 +100,9 @@ def compress(
         raise RecipeError("pass exactly one of --target or --recipe",
                           "e.g. --target raspberry-pi-5, or --recipe recipes/FILE.yaml")
     rec = recipe.load(recipe_path) if recipe_path else recipe.for_target(target)
+    from edgesmith.compress.merge_lora import prepend_to_recipe
+
+    prepend_to_recipe(rec, adapter, allow_pickle)  # --adapter: a merge_lora step first
     _input_model(model, allow_pickle, loads=True)
     opts = pipeline.Options(out_dir=output, force=force, threads=threads,
                             allow_pickle=allow_pickle, command=["edgesmith", *sys.argv[1:]])
@@ -115,45 +122,113 @@ def compress(
                   f"report: {output / 'report.md'}")
 
 
+def _type_of(exporter: Any) -> str:
+    kind = getattr(exporter, "artifact_type", None)
+    return str(kind()) if kind else str(exporter.format)
+
+
 @app.command()
 def export(
     model: str = typer.Argument(..., help="HF model directory, .gguf file, or builtin:NAME."),
-    fmt: str = typer.Option("gguf", "--format", "-f", help="Export format (gguf)."),
-    outtype: str = typer.Option("f16", "--outtype", help="GGUF type: f16, bf16 or f32."),
+    fmt: str = typer.Option("gguf", "--format", "-f",
+                            help="Export format: gguf, onnx (transformers.js folder) or hf-gptq."),
+    outtype: str = typer.Option(None, "--outtype", help="gguf: f16 (default), bf16 or f32."),
+    dtype: str = typer.Option(None, "--dtype", help="onnx: fp32 (default) or q4 (int4)."),
+    block_size: int = typer.Option(None, "--block-size",
+                                   help="onnx q4: 16, 32 (default), 64, 128."),
+    bits: int = typer.Option(None, "--bits", help="hf-gptq: 2, 3, 4 (default) or 8."),
+    group_size: int = typer.Option(None, "--group-size", help="hf-gptq: 32, 64, 128 (default)."),
+    sym: bool = typer.Option(None, "--sym/--asym", help="hf-gptq: symmetric (default) or not."),
     output: Path = typer.Option(Path("out"), "--output", "-o", help="Output directory."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing files."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle",
                                       help="Allow pickle checkpoints (can execute code)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ) -> None:
     """Run one exporter, no recipe and no quality check.
 
-    Example: edgesmith export ./my-hf-model --format gguf --outtype f16 -o out/
+    A file format (gguf) writes one file into -o; a folder format writes its files into -o
+    itself (onnx: config.json, tokenizer files and onnx/model*.onnx, as transformers.js loads
+    them; hf-gptq: a GPTQ checkpoint), with a manifest listing every file's sha256.
+
+    Example: edgesmith export ./my-hf-model --format onnx --dtype q4 -o out/web/
     """
     from edgesmith import models
     from edgesmith.context import RunContext, make_progress
     from edgesmith.export import EXPORTERS
-    from edgesmith.fsutil import cache_root, check_writable, sha256_file
+    from edgesmith.fsutil import (
+        Publication,
+        cache_root,
+        check_result_writable,
+        check_writable,
+        sha256_file,
+    )
 
     if fmt not in EXPORTERS:
         raise RecipeError(f"unknown export format '{fmt}'", f"use one of: {', '.join(EXPORTERS)}")
+    cls = EXPORTERS[fmt]
+    given = {"outtype": outtype, "dtype": dtype, "block_size": block_size, "bits": bits,
+             "group_size": group_size, "sym": sym}
+    flags = {"outtype": "--outtype", "dtype": "--dtype", "block_size": "--block-size",
+             "bits": "--bits", "group_size": "--group-size", "sym": "--sym/--asym"}
+    given = {k: v for k, v in given.items() if v is not None}
+    for key in given:
+        if key not in cls.Config.model_fields:
+            known = [flags[k] for k in flags if k in cls.Config.model_fields]
+            raise RecipeError(f"{flags[key]} does not apply to --format {fmt}",
+                              f"options of {fmt}: {', '.join(known)}")
     try:
-        config = EXPORTERS[fmt].Config(outtype=outtype)
+        config = cls.Config(**given)
     except ValueError as exc:
-        raise RecipeError(f"invalid --outtype {outtype!r}", "use f16, bf16 or f32") from exc
+        first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": ("?",), "msg": str(exc)}
+        key = str(first["loc"][0])
+        raise RecipeError(f"invalid {flags.get(key, key)} for --format {fmt}: {first['msg']}",
+                          "see `edgesmith export --help`") from exc
+    exporter = cls(config)
     ref = _input_model(model, allow_pickle, loads=False)
-    dest = output / f"{ref.name}.{outtype.upper()}.{fmt}"
-    check_writable(dest, force)
+    folder = getattr(exporter, "layout", "file") == "folder"
+    if folder:
+        check_result_writable(output, ["manifest.json"], force)
+    else:
+        dest = output / f"{ref.name}.{_type_of(exporter)}.{fmt}"
+        check_writable(dest, force)
     with make_progress() as progress:
-        ctx = RunContext(out_dir=output, cache_dir=cache_root(), progress=progress, force=force)
+        cache = cache_root() / "runs" / ref.fingerprint()
+        cache.mkdir(parents=True, exist_ok=True)
+        ctx = RunContext(out_dir=output, cache_dir=cache, progress=progress, force=force)
         hf_dir = models.as_hf_dir(ref, progress)
-        art = EXPORTERS[fmt](config).export(hf_dir, ctx, dest)
-    result = {"path": str(art.path), "format": fmt, "type": outtype.upper(),
-              "size_bytes": art.path.stat().st_size, "sha256": sha256_file(art.path),
-              "converter_peak_rss_bytes": art.meta.get("peak_rss_bytes"),
-              "converter_peak_anon_bytes": art.meta.get("peak_anon_bytes")}
+        if not folder:
+            art = exporter.export(hf_dir, ctx, dest)
+            result = {"path": str(art.path), "format": fmt, "type": _type_of(exporter),
+                      "size_bytes": art.path.stat().st_size, "sha256": sha256_file(art.path),
+                      "converter_peak_rss_bytes": art.meta.get("peak_rss_bytes"),
+                      "converter_peak_anon_bytes": art.meta.get("peak_anon_bytes")}
+        else:
+            from edgesmith import manifest as manifest_mod
+            from edgesmith.fsutil import temp_path
+
+            staging = temp_path(cache / f"export-{fmt}")
+            try:
+                art = exporter.export(hf_dir, ctx, staging)
+                names = sorted(p.name for p in art.path.iterdir())
+                with Publication(output, names, force) as pub:
+                    for name in names:
+                        pub.copy(art.path / name, name, progress)
+                    man = manifest_mod.new(["edgesmith", *sys.argv[1:]])
+                    man.update({"input": {"spec": model, "kind": ref.kind},
+                                "export": {"format": fmt, "config": config.model_dump(),
+                                           "meta": {k: v for k, v in art.meta.items()
+                                                    if k != "tensors"}}})
+                    man = pub.commit(man)
+            finally:
+                import shutil
+
+                shutil.rmtree(staging, ignore_errors=True)
+            result = {"path": str(output), "format": fmt, "type": _type_of(exporter),
+                      "size_bytes": sum(f["size_bytes"] for f in man["files"]),
+                      "files": man["files"], "meta": man["export"]["meta"]}
     if not _emit(result, as_json):
-        err.print(f"[green]wrote[/] {art.path} ({result['size_bytes'] / 1e6:.1f} MB)")
+        err.print(f"[green]wrote[/] {result['path']} ({result['size_bytes'] / 1e6:.1f} MB)")
 
 
 @app.command()

@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+RUNTIMES = {"llama_cpp": "llama.cpp", "onnxruntime": "onnxruntime (Python, CPU)"}
+FORMATS = {"gguf": "GGUF", "onnx": "ONNX"}
+
 
 def _row(name: str, size: int | None, q: dict[str, Any] | None) -> str:
     mb = f"{size / 1e6:.1f}" if size else "—"
@@ -16,6 +19,8 @@ def _row(name: str, size: int | None, q: dict[str, Any] | None) -> str:
 
 def render(man: dict[str, Any]) -> str:
     ref, base = man["reference"], man["baseline"]
+    rt = man["artifacts"][0].get("runtime", "llama_cpp")
+    fmt = FORMATS.get(base.get("format", "gguf"), base.get("format", "gguf"))
     lines = [
         f"# edgesmith compress: {man['input']['spec']} → {man['target']}",
         "",
@@ -23,7 +28,7 @@ def render(man: dict[str, Any]) -> str:
         f"**{'PASSED' if man['gates']['passed'] else 'FAILED'}**"
         + ("" if man["gates"]["passed"] else ": " + "; ".join(man["gates"]["failures"])),
         "",
-        "## Quality (measured in llama.cpp against the reference model)",
+        f"## Quality (measured in {RUNTIMES.get(rt, rt)} against the reference model)",
         "",
         f"Held-out text, {ref['eval']['windows']} windows of {ref['eval']['ctx']} tokens, second "
         f"half of each scored ({ref['eval']['tokens_scored']} tokens). Reference: "
@@ -31,7 +36,7 @@ def render(man: dict[str, Any]) -> str:
         "",
         "| artifact | size MB | perplexity (vs ref) | mean KLD | KLD p99 | top-1 agreement |",
         "|---|---:|---:|---:|---:|---:|",
-        _row(f"{base['type']} GGUF (baseline, not shipped)", base["size_bytes"], base["quality"]),
+        _row(f"{base['type']} {fmt} (baseline, not shipped)", base["size_bytes"], base["quality"]),
     ]
     for a in man["artifacts"]:
         label = f"**{a['path']}**" + (" (imatrix)" if a.get("imatrix") else "")
@@ -43,7 +48,7 @@ def render(man: dict[str, Any]) -> str:
         lines += [f"## Tensor types in {a['path']}", "",
                   "| type | tensors |", "|---|---:|"]
         lines += [f"| {k} | {v} |" for k, v in counts.most_common()]
-        fb = a["fallbacks"]
+        fb = a.get("fallbacks", [])
         lines += ["", f"llama.cpp fell back on {len(fb)} tensor(s) whose rows are not a multiple "
                   "of the k-quant block:" if fb else "No quantization fallbacks.", ""]
         if fb:
@@ -51,7 +56,7 @@ def render(man: dict[str, Any]) -> str:
             lines += [f"- {k}: {v} tensors" for k, v in pairs.most_common()] + [""]
         lines += ["<details><summary>Every tensor</summary>", "", "| tensor | type | shape |",
                   "|---|---|---|"]
-        lines += [f"| {t['name']} | {t['type']} | {'×'.join(map(str, t['shape']))} |"
+        lines += [f"| {t['name']} | {t['type']} | {'×'.join(map(str, t.get('shape', [])))} |"
                   for t in a["tensors"]]
         lines += ["", "</details>", ""]
     lines += ["## Recipe as run", "", "```yaml", man["recipe"]["text"].rstrip(), "```", "",

@@ -26,7 +26,7 @@ from edgesmith.errors import EdgesmithError, ModelError
 QK_K = 256
 K_FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 # Formats an exporter exists for in this version; the others are reported, not guessed.
-EXPORTER_FORMATS = {"gguf"}
+EXPORTER_FORMATS = {"gguf", "onnx"}
 STATUS_ORDER = {"fail": 0, "warn": 1, "ok": 2, "info": 3}
 
 
@@ -370,6 +370,7 @@ def run(spec: str, target_name: str | None = None, recipe: Any = None, ctx: int 
     arch = ref.architecture()
     rep.checks.append(Check("model", "architecture", "info",
                             f"{arch} ({ref.kind} {'file' if ref.kind == 'gguf' else 'dir'})"))
+    shapes: dict[str, list[int]] = {}
     if ref.kind == "hf":
         shapes = _safetensors_shapes(ref.path)
         linears = _linears(shapes)
@@ -389,6 +390,13 @@ def run(spec: str, target_name: str | None = None, recipe: Any = None, ctx: int 
         src = header.field("tokenizer.chat_template")
         rep.checks.append(_chat_template(src if isinstance(src, str) else None, "GGUF metadata"))
     for fmt in _formats(target):
+        if fmt == "onnx":
+            from edgesmith import doctor_onnx
+
+            rep.checks.extend(doctor_onnx.checks(ref, target, shapes if ref.kind == "hf"
+                                                 else None))
+            rep.checks.extend(_group_sizes(linears, groups))
+            continue
         if fmt not in EXPORTER_FORMATS:
             rep.checks.append(Check(fmt, "exporter", "fail",
                                     f"edgesmith has no {fmt} exporter in this version",

@@ -1,5 +1,10 @@
 """Run a recipe: resolve, torch passes, export, format passes, verify, gates, manifest.
 
+The pipeline knows no format: the recipe's exporter (export/) says what it writes (a file,
+or a folder such as the transformers.js layout) and under which names, each artifact is
+verified by the runner of its format (bench/runners: llama.cpp for GGUF, onnxruntime for
+ONNX) with the one evaluator, and published the same way.
+
 Everything expensive is cached per input model (the dequantized HF directory of a GGUF input,
 the F16 GGUF, the reference log-probabilities, the importance matrix), and every file is
 written atomically, so a killed run resumes where it stopped; stale temp files of killed runs
@@ -21,7 +26,7 @@ from typing import Any
 
 from edgesmith import compress_report, doctor, manifest, models
 from edgesmith.bench import quality
-from edgesmith.bench.runners.llama_cpp import LlamaCppRunner
+from edgesmith.bench.runners import for_format
 from edgesmith.compress import PASSES, imatrix
 from edgesmith.context import Artifact, RunContext
 from edgesmith.errors import ModelError, QualityGateError
@@ -63,20 +68,36 @@ class Timings:
 
 
 def _final_type(steps: list[Step]) -> str:
-    """The GGUF type the recipe ends with (the last quantize step, else the export type)."""
+    """The type the recipe ends with (the last format pass's, else the export's)."""
     qtype = None
     for s in steps:
         if s.kind == "export":
-            qtype = s.config.outtype.upper()
-        elif s.name == "gguf_quantize":
-            qtype = s.config.type
+            qtype = EXPORTERS[s.name](s.config).artifact_type()
+        elif s.kind == "format":
+            qtype = PASSES[s.name](s.config).artifact_type()
     assert qtype is not None
     return qtype
 
 
+def exporter_of(recipe: Recipe) -> Any:
+    """The recipe's exporter (one export step per recipe)."""
+    steps = [s for s in recipe.steps if s.kind == "export"]
+    return EXPORTERS[steps[0].name](steps[0].config)
+
+
+def published_names(ref: models.ModelRef, recipe: Recipe) -> list[str]:
+    """What the artifact puts into -o, the main file first (a folder artifact is flat)."""
+    return exporter_of(recipe).published_names(ref.name, _final_type(recipe.steps))
+
+
+def _claimed(names: list[str]) -> list[str]:
+    """The top-level names an artifact takes in -o (a folder's main file is inside one)."""
+    return [n for n in names if "/" not in n]
+
+
 def output_paths(ref: models.ModelRef, recipe: Recipe, out_dir: Path) -> dict[str, Path]:
     return {
-        "artifact": out_dir / f"{ref.name}.{_final_type(recipe.steps)}.gguf",
+        "artifact": out_dir / published_names(ref, recipe)[0],
         "manifest": out_dir / "manifest.json",
         "report": out_dir / "report.md",
     }
@@ -95,16 +116,33 @@ def input_hash(ref: models.ModelRef, cache: Path, progress: Any = None) -> str:
     return digest
 
 
-def _quality_cached(path: Path, ref: quality.Reference, cache: Path, ctx: RunContext,
+def _identity(path: Path) -> str:
+    """Name, size and mtime of a file, or of a folder's files (a cache key)."""
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+    stats = [f.stat() for f in files]
+    return (f"{path.name}:{sum(st.st_size for st in stats)}:"
+            f"{max((st.st_mtime_ns for st in stats), default=0)}")
+
+
+def artifact_bytes(path: Path) -> int:
+    """Size of an artifact: the file, or every file of a folder (what a device downloads)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _quality_cached(art: Artifact, ref: quality.Reference, cache: Path, ctx: RunContext,
                     label: str) -> quality.QualityResult:
-    """Quality of an artifact in llama.cpp; cached by the artifact's identity and eval spec."""
-    st = path.stat()
-    key = f"{path.name}:{st.st_size}:{st.st_mtime_ns}:{ref.spec}"
+    """Quality of an artifact in its own runtime (the runner of its format); cached by the
+    artifact's identity and eval spec."""
+    key = f"{art.format}:{_identity(art.path)}:{ref.spec}"
     qfile = cache / "quality.json"
     known = json.loads(qfile.read_text()) if qfile.exists() else {}
     if key in known:
         return quality.QualityResult(**known[key])
-    sess = LlamaCppRunner().open(path, threads=ctx.threads, n_ctx=ref.spec.ctx, logits_all=True)
+    sess = for_format(art.format).open(art.path, threads=ctx.threads, n_ctx=ref.spec.ctx,
+                                       logits_all=True)
     try:
         result = quality.evaluate(sess, ref, ctx.progress, label)
     finally:
@@ -196,6 +234,15 @@ def _converted_name(ref: models.ModelRef, hf_dir: Path, outtype: str, version: s
     return f"{ref.name}.{hf_dir.name}.{outtype}.llama-cpp-{version}.gguf"
 
 
+def _export_cache(ref: models.ModelRef, hf_dir: Path, exporter: Any, cache: Path) -> Path:
+    """Cache path of an export: input, (passed) HF dir, type and the exporter's version."""
+    kind = exporter.artifact_type()
+    if exporter.format == "gguf":
+        return cache / _converted_name(ref, hf_dir, kind, llamacpp_src.installed_version())
+    return cache / f"{ref.name}.{hf_dir.name}.{exporter.format}-{kind}." \
+        f"{sha256_text(exporter.version())[:12]}"
+
+
 def plain_gguf(spec: str, qtype: str, progress: Any) -> Path:
     """``spec`` converted to F16 and quantized to ``qtype`` without an importance matrix
     (what llama.cpp's own tools make by default), cached; shares the F16 with ``compress``."""
@@ -224,30 +271,51 @@ def _format_pass_cached(step: Step, src: Artifact, ctx: RunContext, recipe: Reci
     key = sha256_text("|".join([src.path.name, step.name, step.config.model_dump_json(),
                                 imatrix.cache_key(recipe.model.calibration) if uses_imatrix
                                 else "", version]))[:16]
-    qtype = getattr(step.config, "type", step.name)
-    dest = ctx.cache_dir / f"{qtype}.{key}.gguf"
+    fpass = PASSES[step.name](step.config)
+    dest = ctx.cache_dir / fpass.cache_name(key)
     meta_file = dest.with_name(dest.name + ".json")
     if dest.exists() and meta_file.exists():
         return Artifact(dest, src.format, {**json.loads(meta_file.read_text()), "cached": True})
     ctx.extras["dest"] = dest
-    out = PASSES[step.name](step.config).run(src, ctx)
+    out = fpass.run(src, ctx)
     write_json_atomic(meta_file, out.meta)
     return out
+
+
+def _writer(export: Artifact, final: Artifact) -> Artifact:
+    """The artifact that wrote a torch-side pass's codes: the export (GGUF blocks) or the
+    format pass (ONNX MatMulNBits)."""
+    return export if "written" in export.meta else final
 
 
 def _exact_tensors(export: Artifact, final: Artifact) -> dict[str, Any]:
     """The manifest's record of the tensors a torch-side pass wrote as exact blocks (copied by
     the quantizer) and of those it took but the format re-quantized."""
-    if "written" not in export.meta:
+    src = _writer(export, final)
+    if not src.meta.get("written") and not src.meta.get("not_written"):
         return {}
-    return {"exact_tensors": export.meta["written"],
-            "copied_tensors": final.meta.get("copied", []),
-            "requantized_tensors": export.meta.get("not_written", [])}
+    return {"exact_tensors": src.meta.get("written", []),
+            "copied_tensors": final.meta.get("copied", src.meta.get("written", [])
+                                             if src is final else []),
+            "requantized_tensors": src.meta.get("not_written", [])}
 
 
-def _warnings(export: Artifact) -> list[str]:
+def _warnings(export: Artifact, final: Artifact) -> list[str]:
     return [f"{n.get('tensor') or n['hf']} was quantized by the pass but re-quantized for the "
-            f"format: {n['reason']}" for n in export.meta.get("not_written", [])]
+            f"format: {n['reason']}" for n in _writer(export, final).meta.get("not_written", [])]
+
+
+def _publish(pub: Publication, src: Path, names: list[str], progress: Any) -> str:
+    """Publish an artifact: a file as ``names[0]``, a folder's entries flat into -o; returns
+    the sha256 of the main file."""
+    if src.is_file():
+        return pub.copy(src, names[0], progress)
+    for child in sorted(src.iterdir()):
+        if child.name not in names:
+            raise ModelError(f"the exporter wrote {child.name}, which it does not declare",
+                             "this is a bug in edgesmith: please report it")
+        pub.copy(child, child.name, progress)
+    return next(f["sha256"] for f in pub.files if f["path"] == names[0])
 
 
 def compress(spec: str, recipe: Recipe, opts: Options, progress: Any) -> dict[str, Any]:
@@ -262,9 +330,12 @@ def compress(spec: str, recipe: Recipe, opts: Options, progress: Any) -> dict[st
     # cannot work stops here, in seconds, instead of minutes into the run
     doctor.preflight(spec, recipe, ref, ctx=512)  # fit: refuse only what cannot run at all
     outs = output_paths(ref, recipe, opts.out_dir)
+    names = published_names(ref, recipe)
+    exporter = exporter_of(recipe)
     # an unfinished result in -o (a killed run's: see fsutil.Publication) needs no --force
-    check_result_writable(opts.out_dir, [p.name for p in outs.values()], opts.force)
-    llamacpp_src.installed_version()  # fail early, naming the extra, if llama.cpp is missing
+    check_result_writable(opts.out_dir, [*_claimed(names), outs["manifest"].name,
+                                         outs["report"].name], opts.force)
+    exporter.version()  # fail early, naming the extra, if the exporter's tools are missing
     sweep_cache()  # temp files of killed runs (their owner is gone), never a live run's
     cache = cache_root() / "runs" / ref.fingerprint()
     cache.mkdir(parents=True, exist_ok=True)
@@ -285,22 +356,21 @@ def compress(spec: str, recipe: Recipe, opts: Options, progress: Any) -> dict[st
             ctx.extras["imatrix"] = _imatrix(passed.plain_dir, recipe, cache, ctx)
     artifact: Artifact | None = None
     baseline: Artifact | None = None
-    version = llamacpp_src.installed_version()
+    version = exporter.version()
     # Every step writes into the cache, keyed by what made it; the artifact is copied into
     # out/ only after it was verified, so a run killed at any point leaves out/ as it was and
     # resumes from the last finished step.
     for step in recipe.steps:
         if step.kind == "export":
             exporter = EXPORTERS[step.name](step.config)
-            outtype = step.config.outtype.upper()
-            cached = cache / _converted_name(ref, hf_dir, outtype, version)
+            cached = _export_cache(ref, hf_dir, exporter, cache)
             meta_file = cached.with_name(cached.name + ".json")
             with t.stage("convert"):
                 # an export that wrote a pass's blocks is a cache hit only with its metadata
                 if cached.exists() and (meta_file.exists() or hf_dir == passed.plain_dir):
                     meta = json.loads(meta_file.read_text()) if meta_file.exists() else \
-                        {"type": outtype}
-                    artifact = Artifact(cached, "gguf", {**meta, "cached": True})
+                        {"type": exporter.artifact_type()}
+                    artifact = Artifact(cached, exporter.format, {**meta, "cached": True})
                 else:
                     artifact = exporter.export(hf_dir, ctx, cached)
                     write_json_atomic(meta_file, artifact.meta)
@@ -313,10 +383,10 @@ def compress(spec: str, recipe: Recipe, opts: Options, progress: Any) -> dict[st
                 artifact = _format_pass_cached(step, artifact, ctx, recipe, version)
     assert artifact is not None and baseline is not None
     with t.stage("verify"):
-        q_base = _quality_cached(baseline.path, reference, cache, ctx,
+        q_base = _quality_cached(baseline, reference, cache, ctx,
                                  f"{baseline.meta.get('type')} baseline")
-        q = _quality_cached(artifact.path, reference, cache, ctx, outs["artifact"].name)
-    size = artifact.path.stat().st_size
+        q = _quality_cached(artifact, reference, cache, ctx, names[0])
+    size = artifact_bytes(artifact.path)
     failures = check_gates(recipe, q, size)
     man = manifest.new(opts.command)
     man.update({
@@ -328,12 +398,14 @@ def compress(spec: str, recipe: Recipe, opts: Options, progress: Any) -> dict[st
         "reference": {"runtime": "torch fp32", "ppl": reference.ppl,
                       "eval": {"ctx": spec_eval.ctx, "windows": spec_eval.windows,
                                "tokens_scored": q.tokens_scored, "corpus": "builtin:heldout"}},
-        "baseline": {"type": baseline.meta.get("type"), "size_bytes": baseline.path.stat().st_size,
+        "baseline": {"type": baseline.meta.get("type"), "format": baseline.format,
+                     "size_bytes": artifact_bytes(baseline.path),
                      "quality": q_base.as_dict(),
                      "convert_peak_rss_bytes": baseline.meta.get("peak_rss_bytes"),
                      "convert_peak_anon_bytes": baseline.meta.get("peak_anon_bytes")},
         "artifacts": [{
-            "path": outs["artifact"].name, "format": "gguf", "type": artifact.meta.get("type"),
+            "path": names[0], "format": artifact.format, "type": artifact.meta.get("type"),
+            "runtime": for_format(artifact.format).name,
             "size_bytes": size,
             "sha256": None,  # of the bytes published, below
             "imatrix": artifact.meta.get("imatrix", False),
@@ -343,24 +415,24 @@ def compress(spec: str, recipe: Recipe, opts: Options, progress: Any) -> dict[st
             **_exact_tensors(baseline, artifact),
         }],
         "passes": passed.reports,
-        "warnings": _warnings(baseline),
+        "warnings": _warnings(baseline, artifact),
         "gates": {"passed": not failures, "failures": failures,
                   "limits": recipe.model.gates.model_dump()},
         "timings_s": t.seconds,
     })
     # The result appears all at once: the journal and the old manifest's removal first, then
     # the artifact and the report, the manifest (listing every file's sha256) last.
-    with Publication(opts.out_dir, [outs["artifact"].name, outs["report"].name], opts.force,
+    with Publication(opts.out_dir, [*_claimed(names), outs["report"].name], opts.force,
                      manifest=outs["manifest"].name) as pub:
         with t.stage("publish"):  # t.seconds is the manifest's timings_s
-            man["artifacts"][0]["sha256"] = pub.copy(artifact.path, outs["artifact"].name,
-                                                     progress)
+            man["artifacts"][0]["sha256"] = _publish(pub, artifact.path, names, progress)
         pub.write_text(outs["report"].name, compress_report.render(man))
         pub.commit(man)
     if failures:
         exc = QualityGateError(f"{outs['artifact'].name} missed the quality gate of recipe "
                                f"{recipe.name}: {'; '.join(failures)}",
-                               "try a higher-precision recipe (e.g. q5km or q8); details in "
+                               "try a higher-precision recipe (GGUF: q5km or q8; ONNX: an fp16 "
+                               "embedding and head); details in "
                                f"{outs['report']}")
         exc.manifest = man
         raise exc

@@ -178,14 +178,24 @@ def _parse_step(i: int, raw: dict[str, Any], node: yaml.Node, where: str,
 
 
 def _check_order(steps: list[Step], node: yaml.Node, where: str) -> None:
-    exported = False
+    exported: str | None = None
     for i, step in enumerate(steps):
         if step.kind == "export":
-            exported = True
+            if exported:
+                raise _fail(where, _line_of(node, ("steps", i)),
+                            f"steps.{i}: a second export step ({step.name} after {exported})",
+                            "one recipe exports one format: write one recipe per format")
+            exported = step.name
         elif step.kind == "format" and not exported:
             raise _fail(where, _line_of(node, ("steps", i)),
                         f"steps.{i}: {step.name} works on an exported file but comes before "
                         "any export step", "put '- export: gguf' before it")
+        elif step.kind == "format" and exported not in PASSES[step.name].formats:
+            raise _fail(where, _line_of(node, ("steps", i)),
+                        f"steps.{i}: {step.name} works on {', '.join(PASSES[step.name].formats)}"
+                        f" files, but this recipe exports {exported}",
+                        "use the format's own pass (gguf_quantize for gguf, onnx_quantize for "
+                        "onnx)")
         elif step.kind == "torch" and exported:
             raise _fail(where, _line_of(node, ("steps", i)),
                         f"steps.{i}: torch-side pass {step.name} comes after an export",

@@ -155,9 +155,16 @@ class GGUFQuantizePass:
     name = "gguf_quantize"
     Config = GGUFQuantizeConfig
     kind = "format"
+    formats = ("gguf",)
 
     def __init__(self, config: GGUFQuantizeConfig | None = None) -> None:
         self.config = config or GGUFQuantizeConfig()
+
+    def artifact_type(self) -> str:
+        return self.config.type
+
+    def cache_name(self, key: str) -> str:
+        return f"{self.config.type}.{key}.gguf"
 
     def run(self, artifact: Artifact, ctx: RunContext) -> Artifact:
         qtype = self.config.type

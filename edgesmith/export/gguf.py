@@ -124,10 +124,26 @@ class GGUFExporter:
     """Exporter plug point: ``export(hf_dir, ctx) -> Artifact``."""
 
     name = "gguf"
+    format = "gguf"
+    layout = "file"
     Config = GGUFExportConfig
 
     def __init__(self, config: GGUFExportConfig | None = None) -> None:
         self.config = config or GGUFExportConfig()
+
+    def artifact_type(self) -> str:
+        return self.config.outtype.upper()
+
+    @staticmethod
+    def version() -> str:
+        from edgesmith.export import llamacpp_src
+
+        return f"llama-cpp-{llamacpp_src.installed_version()}"
+
+    @staticmethod
+    def published_names(model_name: str, final_type: str) -> list[str]:
+        """What a compress run writes into -o (the artifact first)."""
+        return [f"{model_name}.{final_type}.gguf"]
 
     def export(self, hf_dir: Path, ctx: RunContext, dest: Path | None = None) -> Artifact:
         outtype = self.config.outtype

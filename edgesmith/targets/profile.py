@@ -19,6 +19,18 @@ class CPU(BaseModel):
     isa: list[str] = []
 
 
+class Browser(BaseModel):
+    """What a browser's runtime can hold (onnxruntime-web on WebGPU)."""
+
+    model_config = ConfigDict(extra="forbid")
+    # one WebGPU buffer (GPUDevice.limits.maxBufferSize; Chrome's default is 2 GiB - 4 bytes,
+    # many integrated GPUs report 1-2 GiB)
+    max_buffer_bytes: int = Field(gt=0)
+    # one ArrayBuffer (a single external-data file is fetched into one): 2 GB in Chromium
+    max_array_buffer_bytes: int = Field(gt=0)
+    shader_f16: bool = False
+
+
 class Target(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
@@ -31,6 +43,7 @@ class Target(BaseModel):
     runtimes: list[str]
     formats: list[str]
     default_recipe: str | None = None
+    browser: Browser | None = None
 
     @property
     def usable_ram_bytes(self) -> float:

@@ -1,4 +1,5 @@
-"""Runners, registered by name; ``runner_for(path)`` picks one from the artifact's format."""
+"""Runners, registered by name; ``runner_for(path)`` picks one from the artifact on disk and
+``for_format(fmt)`` from an artifact's format (what ``compress`` verifies with)."""
 
 from __future__ import annotations
 
@@ -6,19 +7,31 @@ from pathlib import Path
 from typing import Any
 
 from edgesmith.bench.runners.llama_cpp import LlamaCppRunner
+from edgesmith.bench.runners.onnxruntime import OnnxRuntimeRunner
 from edgesmith.bench.runners.torch import TorchRunner
 from edgesmith.errors import ModelError
 
 RUNNERS: dict[str, Any] = {
     "llama_cpp": LlamaCppRunner,
+    "onnxruntime": OnnxRuntimeRunner,
     "torch": TorchRunner,
 }
+FORMAT_RUNNERS = {"gguf": "llama_cpp", "onnx": "onnxruntime", "hf": "torch"}
+
+
+def for_format(fmt: str) -> Any:
+    if fmt not in FORMAT_RUNNERS:
+        raise ModelError(f"no runner for the {fmt} format", "this is a bug: please report it")
+    return RUNNERS[FORMAT_RUNNERS[fmt]]()
 
 
 def runner_for(path: Path) -> Any:
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
         return RUNNERS["llama_cpp"]()
+    if (path.is_file() and path.suffix == ".onnx") or (path.is_dir() and (path / "onnx").is_dir()):
+        return RUNNERS["onnxruntime"]()
     if path.is_dir() and (path / "config.json").exists():
         return RUNNERS["torch"]()
-    raise ModelError(f"no runner for {path}", "pass a .gguf file or an HF model directory")
+    raise ModelError(f"no runner for {path}",
+                     "pass a .gguf file, an ONNX model folder or an HF model directory")

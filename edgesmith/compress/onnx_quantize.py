@@ -1,0 +1,50 @@
+"""Format-side pass: an exported ONNX model's weights to int4 ``MatMulNBits``.
+
+The ONNX counterpart of ``gguf_quantize``: it takes the fp32 export (the baseline) and writes
+``onnx/model_q4.onnx`` (see ``export/onnx_quant.py``), using a GPTQ/AWQ checkpoint's own codes
+where the recipe ran those passes, and round-to-nearest for the rest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from edgesmith.context import Artifact, RunContext
+
+
+class OnnxQuantizeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dtype: Literal["q4"] = "q4"
+    block_size: Literal[16, 32, 64, 128] = 32
+    embedding: Literal["fp32", "fp16", "int8"] = "int8"
+    head: Literal["fp32", "fp16", "int8", "int4", "tied"] = "tied"
+
+
+class OnnxQuantizePass:
+    """Format-side Pass plug point: ``run(artifact, ctx) -> Artifact`` (a model folder)."""
+
+    name = "onnx_quantize"
+    Config = OnnxQuantizeConfig
+    kind = "format"
+    formats = ("onnx",)
+
+    def __init__(self, config: OnnxQuantizeConfig | None = None) -> None:
+        self.config = config or OnnxQuantizeConfig()
+
+    def artifact_type(self) -> str:
+        return self.config.dtype
+
+    def cache_name(self, key: str) -> str:
+        return f"onnx-{self.config.dtype}.{key}"
+
+    def run(self, artifact: Artifact, ctx: RunContext) -> Artifact:
+        from edgesmith.export import onnx_quant
+
+        dest = Path(ctx.extras.get("dest") or artifact.path.with_name(
+            f"{artifact.path.name}-{self.config.dtype}"))
+        c = self.config
+        return onnx_quant.quantize(artifact, dest, onnx_quant.QuantOptions(
+            block_size=c.block_size, embedding=c.embedding, head=c.head, dtype=c.dtype), ctx)
