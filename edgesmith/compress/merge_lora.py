@@ -252,6 +252,32 @@ def merge(model: Any, adapter: Path, allow_pickle: bool = False) -> dict[str, An
     }
 
 
+def prepend_to_recipe(rec: Any, adapter: str | None, allow_pickle: bool) -> None:
+    """``compress --adapter DIR``: a merge_lora step before the recipe's steps (recorded in
+    the recipe as run); ``--allow-pickle`` also lets the recipe's own merge_lora steps read a
+    pickle adapter."""
+    from edgesmith.errors import RecipeError
+    from edgesmith.recipe import Step
+
+    if allow_pickle:
+        for s in rec.steps:
+            if s.name == "merge_lora":
+                s.config = s.config.model_copy(update={"allow_pickle": True})
+    if adapter is None:
+        return
+    if any(s.name == "merge_lora" for s in rec.steps):
+        raise RecipeError(f"recipe {rec.name} already merges an adapter (merge_lora step)",
+                          "pass --adapter or use the recipe's merge_lora step, not both")
+    try:
+        config = MergeLoRAConfig(adapter=adapter, allow_pickle=allow_pickle)
+    except ValueError as exc:
+        raise ModelError(f"--adapter {adapter} is not a PEFT adapter directory (no "
+                         "adapter_config.json)", "point it at peft's save_pretrained output") \
+            from exc
+    rec.steps.insert(0, Step("torch", "merge_lora", config))
+    rec.model.steps.insert(0, {"merge_lora": {"adapter": adapter, "allow_pickle": allow_pickle}})
+
+
 class MergeLoRAPass:
     """Torch-side Pass: ``run(model, ctx) -> model`` with the adapter merged in."""
 

@@ -174,3 +174,62 @@ def test_recipe_step_needs_an_adapter_dir(tmp_path: Path) -> None:
     (adapter / "adapter_config.json").write_text(
         (tmp_path / "c.json").read_text().replace('"r": 4', '"r":  4'))
     assert r.steps[0].config.model_dump_json() != key
+
+
+CLI_RECIPE = """name: tiny-f16
+target: raspberry-pi-5
+calibration: {samples: 2, seq_len: 128}
+eval: {ctx: 128, windows: 2}
+steps:
+  - export: {format: gguf, outtype: f16}
+gates:
+  max_kld: 100
+"""
+
+
+def test_compress_adapter_shortcut(tiny_llama: Path, copy_model: Any, tmp_path: Path,
+                                   watched: Any) -> None:
+    """compress --adapter: a merge_lora step first; the F16 GGUF holds peft's merged weights,
+    the manifest the step and its report; with both --adapter and a merge_lora step, an error."""
+    import os
+    import sys
+
+    import gguf
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    base_dir = copy_model(tiny_llama)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=16, init_lora_weights=False,
+                                                   target_modules=["v_proj", "down_proj"]))
+    pm.save_pretrained(tmp_path / "adapter")
+    merged = pm.merge_and_unload()
+    (tmp_path / "r.yaml").write_text(CLI_RECIPE)
+    cmd = [sys.executable, "-m", "edgesmith.cli", "compress", str(base_dir), "--recipe",
+           str(tmp_path / "r.yaml"), "--adapter", str(tmp_path / "adapter"), "--threads", "2"]
+    env = {**os.environ, "COLUMNS": "200"}
+    p = watched([*cmd, "-o", str(tmp_path / "out")], env=env)
+    assert p.returncode == 0, p.stderr
+    man = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert man["recipe"]["as_run"]["steps"][0] == {
+        "merge_lora": {"adapter": str(tmp_path / "adapter"), "allow_pickle": False}}
+    assert [r["pass"] for r in man["passes"]] == ["merge_lora"]
+    assert len(man["passes"][0]["merged_modules"]) == 4
+    reader = gguf.GGUFReader(str(tmp_path / "out" / man["artifacts"][0]["path"]))
+    got = np.asarray(next(t for t in reader.tensors if t.name == "blk.1.ffn_down.weight").data)
+    want = merged.model.layers[1].mlp.down_proj.weight.detach().numpy()
+    assert np.abs(got.astype(np.float32) - want).max() < 2e-3
+    assert np.abs(base_dir_weight(base_dir) - want).max() > 1e-2  # the merge changed it
+    # the reference is the input model, so the merged artifact differs from it
+    assert man["artifacts"][0]["quality"]["kld_mean"] > 1e-4
+    (tmp_path / "r2.yaml").write_text(CLI_RECIPE.replace(
+        "steps:\n", f"steps:\n  - merge_lora: {{adapter: {tmp_path / 'adapter'}}}\n"))
+    p = watched([*cmd[:6], str(tmp_path / "r2.yaml"), *cmd[7:], "-o", str(tmp_path / "o2")],
+                env=env)
+    assert p.returncode == 2 and "already merges an adapter" in p.stderr
+
+
+def base_dir_weight(base_dir: Path) -> Any:
+    from safetensors.numpy import load_file
+
+    return load_file(str(base_dir / "model.safetensors"))["model.layers.1.mlp.down_proj.weight"]
