@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,9 @@ CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrom
 CHROMIUM_HINT = "apt-get install -y chromium (or make sysdeps), or set EDGESMITH_CHROMIUM"
 CHROMIUM_ARGS = ("--enable-unsafe-webgpu",)
 BACKENDS = ("webgpu", "wasm")
-_VALIDATION = re.compile(r"validation error", re.IGNORECASE)
+# what chromium logs when WebGPU rejects a shader or an object (as a console error or warning)
+_VALIDATION = re.compile(r"validation error|error while parsing wgsl|"
+                         r"invalid due to a previous error", re.IGNORECASE)
 
 
 class ChromiumMissing(EdgesmithError):
@@ -63,6 +66,26 @@ def sync_playwright() -> Any:
                               "pip install 'edgesmith[browser]' (it uses the system chromium: "
                               "no `playwright install`)") from exc
     return start()
+
+
+_SHARED: dict[str, Any] = {}  # one playwright driver per process: the sync API allows one
+
+
+@contextlib.contextmanager
+def playwright_session() -> Iterator[Any]:
+    """The process's playwright (started on first use, stopped when the last user leaves)."""
+    if not _SHARED:
+        _SHARED.update(pw=sync_playwright().start(), users=0)
+    _SHARED["users"] += 1
+    try:
+        yield _SHARED["pw"]
+    finally:
+        _SHARED["users"] -= 1
+        if _SHARED["users"] == 0:
+            pw = _SHARED.pop("pw")
+            _SHARED.clear()
+            with contextlib.suppress(Exception):
+                pw.stop()
 
 
 def launch(playwright: Any, webgpu: bool = True) -> Any:
@@ -125,9 +148,9 @@ def _has_chat_template(folder: Path) -> bool:
 
 def page_error(text: str) -> str:
     """The useful line of a playwright evaluate error ("Error: ...")."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    line = next((ln for ln in lines if ln.startswith("Error:")), lines[0] if lines else text)
-    return line.removeprefix("Error:").strip()[:500]
+    lines = [re.sub(r"^(Page\.evaluate: )?(Error: )?", "", ln.strip())
+             for ln in text.splitlines() if ln.strip()]
+    return (lines[0] if lines else text)[:500]
 
 
 class Harness:
@@ -159,8 +182,8 @@ class Harness:
         modules = npm.ensure_modules()
         find_chromium()  # the one-line error before playwright starts its driver
         self.server = page_server(self.folder, modules, self.info).start()
-        self._pw = sync_playwright().start()
-        self.browser = launch(self._pw, webgpu=self.webgpu)
+        self._pw = playwright_session()
+        self.browser = launch(self._pw.__enter__(), webgpu=self.webgpu)
         self.page = self.browser.new_page()
         self.page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"))
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
@@ -168,7 +191,7 @@ class Harness:
         self.page.wait_for_function("window.edgesmithReady === true", timeout=60_000)
 
     def close(self) -> None:
-        for step in (lambda: self.browser.close(), lambda: self._pw.stop(),
+        for step in (lambda: self.browser.close(), lambda: self._pw.__exit__(None, None, None),
                      lambda: self.server.stop()):
             with contextlib.suppress(Exception):  # already gone, or never started
                 step()
@@ -182,6 +205,8 @@ class Harness:
         seen, seen_errors = len(self.console), len(self.errors)
         try:
             result = self.page.evaluate(expr, arg)
+            # one more round trip: console messages of the call arrive after its result
+            self.page.evaluate("() => new Promise((r) => setTimeout(r, 0))")
         except PlaywrightError as exc:
             raise ModelError(f"in chromium ({self.backend_label()}): {page_error(str(exc))}",
                              self._hint(str(exc))) from exc
@@ -203,14 +228,19 @@ class Harness:
     def probe(self) -> dict[str, Any]:
         return dict(self.call("() => edgesmith.probe()"))
 
-    def load(self, backend: str, threads: int = 0) -> dict[str, Any]:
+    def load(self, backend: str, threads: int = 0, unchecked: bool = False,
+             build: str | None = None) -> dict[str, Any]:
+        """Load the model with ``backend``. For tests only: ``unchecked`` skips the page's
+        shader-f16 check and ``build="jsep"`` picks onnxruntime-web's older JavaScript WebGPU
+        backend, to show that the output check catches an f16 model on such an adapter."""
         if backend not in BACKENDS:
             raise EdgesmithError(f"unknown browser backend {backend!r}", "use webgpu or wasm")
         self.backend = backend
         if backend == "webgpu" and not self.probe()["gpu"]["available"]:
             raise ToolError("chromium offers no WebGPU adapter",
                             "use --browser-backend wasm, or a chromium with WebGPU")
-        return dict(self.call("([b, t]) => edgesmith.load(b, t)", [backend, threads]))
+        return dict(self.call("([b, t, u, j]) => edgesmith.load(b, t, u, j)",
+                              [backend, threads, unchecked, build]))
 
     def logits(self, ids: list[int]) -> np.ndarray:
         """Logits [len(ids), vocab] (float32) of one forward pass from an empty cache."""

@@ -212,8 +212,14 @@ def bench_browser(path: Path, spec: Any, backend: str, *, dtype: str | None = No
     if not path.exists():
         raise ModelError(f"artifact {path} does not exist",
                          "pass a folder written by `edgesmith export --format onnx`")
+    from edgesmith.web import npm
+    from edgesmith.web.browser import find_chromium, sync_playwright
+
     runner = BrowserRunner(backend, dtype)
     info = onnx_artifact_info(path, dtype)
+    find_chromium()  # the tools first: one line naming the fix, before any measuring
+    sync_playwright()
+    npm.ensure_modules(progress=progress)
     env = environment(spec.threads)
     sessions: list[BrowserSession] = []
 

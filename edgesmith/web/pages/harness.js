@@ -15,12 +15,12 @@ function b64(floats) {
 window.edgesmith = {
   probe: async () => ({ gpu: await probeWebGPU(), isolated: self.crossOriginIsolated,
                         cores: navigator.hardwareConcurrency, agent: navigator.userAgent }),
-  load: async (backend, threads) => {
+  load: async (backend, threads, unchecked = false, build = null) => {
     if (lm) await lm.close();
     lm = null;
     const info = await (await fetch("/edgesmith.json")).json();
     const gpu = backend === "webgpu" ? await probeWebGPU() : null;
-    lm = await CausalLM.load(info, backend, { threads, gpu });
+    lm = await CausalLM.load(info, backend, { threads, gpu, unchecked, build });
     return { loadMs: lm.loadMs, kvType: lm.kvType, kvHeads: lm.kvHeads, headDim: lm.headDim,
              inputs: lm.session.inputNames, outputs: lm.session.outputNames };
   },

@@ -10,8 +10,10 @@
 
 const ORT_DIR = "/npm/onnxruntime-web/dist/";
 // The webgpu build (native WebGPU EP, the one transformers.js uses) also runs "wasm"; the plain
-// wasm build is smaller and is what a wasm-only page would ship.
-const ORT_BUILD = { webgpu: "ort.webgpu.min.mjs", wasm: "ort.wasm.min.mjs" };
+// wasm build is smaller and is what a wasm-only page would ship. "jsep" is the older
+// JavaScript WebGPU backend (ort.all), the one that returns all-zero logits when a shader does
+// not compile: kept to test that the output check catches it.
+const ORT_BUILD = { webgpu: "ort.webgpu.min.mjs", wasm: "ort.wasm.min.mjs", jsep: "ort.all.min.mjs" };
 
 export async function probeWebGPU() {
   if (!("gpu" in navigator)) return { available: false, reason: "navigator.gpu is missing" };
@@ -39,10 +41,12 @@ export async function chooseBackend() {
   return { backend: gpu.available ? "webgpu" : "wasm", gpu };
 }
 
-export async function loadOrt(backend, threads) {
-  const build = ORT_BUILD[backend];
-  if (!build) throw new Error(`unknown backend ${backend}: use webgpu or wasm`);
-  const ort = await import(ORT_DIR + build);
+export async function loadOrt(backend, threads, build = null) {
+  const file = ORT_BUILD[build || backend];
+  if (!file || !["webgpu", "wasm"].includes(backend)) {
+    throw new Error(`unknown backend ${backend} (build ${build}): use webgpu or wasm`);
+  }
+  const ort = await import(ORT_DIR + file);
   ort.env.wasm.wasmPaths = ORT_DIR;
   ort.env.wasm.numThreads = threads > 0 ? threads : Math.min(4, navigator.hardwareConcurrency || 1);
   ort.env.wasm.proxy = false;
@@ -85,15 +89,12 @@ export function argmax(values, offset, n) {
 }
 
 export class CausalLM {
-  static async load(info, backend, { threads = 0, gpu = null } = {}) {
+  // unchecked: skip the shader-f16 check (tests use it to show that the output check still
+  // catches what the backend does with an f16 model on such an adapter).
+  static async load(info, backend, { threads = 0, gpu = null, unchecked = false, build = null } = {}) {
     const t0 = performance.now();
-    const ort = await loadOrt(backend, threads);
+    const ort = await loadOrt(backend, threads, build);
     const base = "/model/" + info.model_file.split("/").slice(0, -1).join("/");
-    const f16 = /f16/.test(info.model_file);
-    if (backend === "webgpu" && f16 && gpu && !gpu.shaderF16) {
-      throw new Error(`${info.model_file} computes in float16 and this WebGPU adapter has no ` +
-        "shader-f16: it would return all-zero logits; load the q4 model (fp32 activations)");
-    }
     const opts = {
       executionProviders: [backend],
       graphOptimizationLevel: "all",
@@ -104,6 +105,14 @@ export class CausalLM {
         info.present_names.map((n) => [n, "gpu-buffer"]));
     }
     const session = await ort.InferenceSession.create("/model/" + info.model_file, opts);
+    const types = [...(session.inputMetadata || []), ...(session.outputMetadata || [])]
+      .map((m) => m.type);
+    if (backend === "webgpu" && types.includes("float16") && gpu && !gpu.shaderF16 && !unchecked) {
+      await session.release();
+      throw new Error(`${info.model_file} computes in float16 and this WebGPU adapter ` +
+        `(${gpu.vendor} ${gpu.architecture}) has no shader-f16: onnxruntime-web would return ` +
+        "all-zero logits; load the q4 model (fp32 activations)");
+    }
     const lm = new CausalLM(ort, session, backend, info);
     lm.loadMs = performance.now() - t0;
     return lm;
