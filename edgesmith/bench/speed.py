@@ -82,10 +82,14 @@ def prompt_ids(session: Session, n: int) -> list[int]:
 def artifact_info(path: Path) -> ArtifactInfo:
     """Size, hash, weight type and the bytes of weights read per decoded token."""
     path = Path(path)
+    if path.is_dir() or path.suffix == ".onnx":
+        from edgesmith.bench.runners.browser import onnx_artifact_info
+
+        return onnx_artifact_info(path)
     size = path.stat().st_size
     if path.suffix != ".gguf":
-        raise ModelError(f"cannot describe {path}: only GGUF artifacts are benchmarked so far",
-                         "pass a .gguf file")
+        raise ModelError(f"cannot describe {path}: not a GGUF file or an ONNX model folder",
+                         "pass a .gguf file or a folder written by `export --format onnx`")
     from gguf import LlamaFileType
 
     from edgesmith.gguf_file import GGUFFormatError, read_header
@@ -185,7 +189,8 @@ def check_artifact(path: Path) -> Any:
 
     path = Path(path)
     if not path.exists():
-        raise ModelError(f"artifact {path} does not exist", "pass the path of a .gguf file")
+        raise ModelError(f"artifact {path} does not exist",
+                         "pass the path of a .gguf file or an ONNX model folder")
     if path.is_file():
         resolve(str(path))  # checks the magic bytes and the header
     return runner_for(path)

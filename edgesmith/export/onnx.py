@@ -22,10 +22,14 @@ The folder: ``config.json``, ``generation_config.json``, ``tokenizer.json``,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import shutil
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -153,6 +157,23 @@ def _rename_weights(proto: Any, model: Any) -> dict[str, str]:
     return renamed
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """torch.onnx's own warnings (torchvision ops it skips, axis renames) off stderr."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo",
+                                              "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def check_exportable(config: dict[str, Any]) -> None:
     archs = config.get("architectures") or []
     if not any(a in EXPORTABLE for a in archs):
@@ -186,7 +207,7 @@ def export_fp32(hf_dir: Path, dest: Path, ctx: RunContext) -> dict[str, Any]:
     kv_names = [f"{i}.{k}" for i in range(n_layers) for k in ("key", "value")]
     wrapped = _WithCache(model, n_layers)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet():
             prog = torch.onnx.export(
                 wrapped, args, dynamo=True, opset_version=OPSET, verbose=False,
                 input_names=["input_ids", "attention_mask", "position_ids",

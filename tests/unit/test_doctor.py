@@ -63,9 +63,16 @@ def test_a_context_that_does_not_fit_fails(tiny_llama: Path) -> None:
 
 
 def test_a_format_without_an_exporter_is_named(tiny_llama: Path) -> None:
-    rep = doctor.run(str(tiny_llama), target_name="webgpu-browser")
-    assert [c.section for c in rep.failures] == ["onnx"]
-    assert "no onnx exporter" in rep.failures[0].detail
+    rep = doctor.run(str(tiny_llama), target_name="iphone-15")
+    assert [c.section for c in rep.failures] == ["mlpackage"]
+    assert "no mlpackage exporter" in rep.failures[0].detail
+
+
+def test_the_browser_target_checks_the_onnx_exporter_and_the_browser_fit(tiny_llama: Path) -> None:
+    checks = _by_name(doctor.run(str(tiny_llama), target_name="webgpu-browser"))
+    assert checks["onnx:exporter"].status == "ok"
+    assert checks["onnx:browser fit"].status == "ok"
+    assert "GB" in checks["onnx:browser fit"].detail
 
 
 def test_group_size_that_does_not_divide_a_layer_names_it_and_the_sizes_that_work() -> None:

@@ -73,7 +73,8 @@ def test_fp32_export_matches_pytorch_with_and_without_cache(tiny_llama: Path,
     assert [o.name for o in sess.sess.get_outputs()][:2] == ["logits", "present.0.key"]
 
 
-def _fake_quantized(tiny_llama: Path, emb_bits: int | None, head_bits: int | None) -> torch.nn.Module:
+def _fake_quantized(tiny_llama: Path, emb_bits: int | None,
+                    head_bits: int | None) -> torch.nn.Module:
     """The torch model with every Linear on the exporter's RTN grid (asymmetric, block 32)."""
     from edgesmith.compress.qweights import QuantSpec, quantize_rtn
     from edgesmith.models import load_hf
@@ -232,3 +233,36 @@ def test_compress_for_the_browser_verifies_in_onnxruntime(tiny_llama: Path,
                                                 "head: tied}", "gguf_quantize: {type: Q4_0}"))
     bad = _cli("compress", str(model), "--recipe", str(mixed), "-o", str(tmp_path / "o2"))
     assert bad.returncode == 2 and "gguf_quantize works on gguf files" in bad.stderr
+
+
+def test_doctor_refuses_a_model_over_the_browsers_buffers(tiny_llama: Path) -> None:
+    from edgesmith import doctor_onnx, models
+    from edgesmith.targets import profile
+
+    target = profile.load("webgpu-browser")
+    ref = models.resolve(str(tiny_llama))
+    # an 8B-class shape: 32 layers of 4096 x 14336 MLPs and a 128k x 4096 embedding
+    big = {"model.embed_tokens.weight": [128256, 4096], "lm_head.weight": [128256, 4096]}
+    for i in range(32):
+        for n, s in (("gate_proj", [14336, 4096]), ("up_proj", [14336, 4096]),
+                     ("down_proj", [4096, 14336]), ("q_proj", [4096, 4096])):
+            big[f"model.layers.{i}.mlp.{n}.weight"] = s
+    fit = {c.name: c for c in doctor_onnx.checks(ref, target, big)}["browser fit"]
+    assert fit.status == "fail" and "exceed one ArrayBuffer" in fit.detail
+    small = {"model.embed_tokens.weight": [49152, 576], "lm_head.weight": [49152, 576]}
+    assert {c.name: c for c in doctor_onnx.checks(ref, target, small)}["browser fit"].status \
+        == "ok"
+
+
+def test_an_onnx_file_onnxruntime_refuses_is_one_clear_error(exported: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    from edgesmith.errors import ModelError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(exported["q4-int8-tied"], bad)
+    f = bad / "onnx" / "model_q4.onnx"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ModelError, match="onnxruntime refused"):
+        OnnxSession(bad, threads=1)
+    r = _cli("bench", str(bad), "--json")
+    assert r.returncode == 2 and "onnxruntime refused" in r.stderr

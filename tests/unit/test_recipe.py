@@ -20,17 +20,36 @@ gates: {max_kld: 0.1}
 
 @pytest.mark.parametrize("name", recipe.names())
 def test_shipped_recipes_validate(name: str) -> None:
+    from edgesmith.targets import profile
+
     r = recipe.load(name)
-    assert r.model.target in ("raspberry-pi-4", "raspberry-pi-5")
-    assert [s.kind for s in r.steps] in (["export", "format"], ["torch", "export", "format"])
+    export = next(s for s in r.steps if s.kind == "export")
+    assert export.name in profile.load(r.model.target).formats
+    kinds = [s.kind for s in r.steps]
+    assert kinds[-2:] == ["export", "format"] and set(kinds[:-2]) <= {"torch"}
     assert r.model.gates.max_kld is not None
 
 
 def test_shipped_recipe_variants() -> None:
-    types = {recipe.load(n).steps[-1].config.type for n in recipe.names()}
+    gguf = [n for n in recipe.names() if recipe.load(n).steps[-1].name == "gguf_quantize"]
+    types = {recipe.load(n).steps[-1].config.type for n in gguf}
     assert types == {"Q4_K_M", "Q5_K_M", "Q8_0", "Q4_0"}
-    for t in ("raspberry-pi-4", "raspberry-pi-5"):
+    for t in ("raspberry-pi-4", "raspberry-pi-5", "webgpu-browser"):
         assert recipe.for_target(t).model.target == t
+    assert recipe.for_target("webgpu-browser").steps[-1].name == "onnx_quantize"
+
+
+def test_a_format_pass_must_match_the_export_format() -> None:
+    from edgesmith.errors import RecipeError
+
+    text = ("name: x\ntarget: webgpu-browser\nsteps:\n  - export: {format: onnx}\n"
+            "  - gguf_quantize: {type: Q4_K_M}\ngates: {max_kld: 0.1}\n")
+    with pytest.raises(RecipeError, match="gguf_quantize works on gguf files, but this recipe "
+                                          "exports onnx"):
+        recipe.parse(text, "x.yaml")
+    two = text.replace("  - gguf_quantize: {type: Q4_K_M}\n", "  - export: {format: onnx}\n")
+    with pytest.raises(RecipeError, match="a second export step"):
+        recipe.parse(two, "x.yaml")
 
 
 def test_good_recipe_parses() -> None:
@@ -45,7 +64,8 @@ def test_good_recipe_parses() -> None:
         (GOOD.replace("Q4_K_M", "Q4_K_X"), 5, "steps.1.gguf_quantize.type", "Q4_K_M"),
         (GOOD.replace("raspberry-pi-5", "pi-9"), 2, "unknown target 'pi-9'", "raspberry-pi-4"),
         (GOOD + "colour: red\n", 7, "colour: Extra inputs", "allowed keys: name, target"),
-        (GOOD.replace("export: gguf", "export: onnx"), 4, "unknown export format", "gguf"),
+        (GOOD.replace("export: gguf", "export: tflite"), 4, "unknown export format", "gguf"),
+        (GOOD.replace("export: gguf", "export: onnx"), 4, "cannot run onnx", "gguf"),
         (GOOD.replace("max_kld: 0.1", "max_kld: -1"), 6, "gates.max_kld", "max_kld"),
         (GOOD.replace("gguf_quantize", "awq_magic"), 5, "unknown step 'awq_magic'",
          "gguf_quantize"),
