@@ -51,9 +51,6 @@ class HFGPTQExportConfig(BaseModel):
                           act_order=self.act_order, damp=self.damp, samples=self.samples,
                           seq_len=self.seq_len, checkpoint_format=self.checkpoint_format)
 
-    def label(self) -> str:
-        return f"GPTQ-W{self.bits}G{self.group_size}{'' if self.sym else '-ASYM'}"
-
 
 def _settings(qc: dict[str, Any]) -> dict[str, Any]:
     """The settings of a checkpoint's quantization_config that decide its weights' layout."""
@@ -100,9 +97,12 @@ class HFGPTQExporter:
     def __init__(self, config: HFGPTQExportConfig | None = None) -> None:
         self.config = config or HFGPTQExportConfig()
 
-    def default_name(self, model_name: str) -> str:
+    def artifact_type(self) -> str:
         c = self.config
-        return f"{model_name}.gptq-w{c.bits}g{c.group_size}{'' if c.sym else '-asym'}"
+        return f"gptq-w{c.bits}g{c.group_size}{'' if c.sym else '-asym'}"
+
+    def default_name(self, model_name: str) -> str:
+        return f"{model_name}.{self.artifact_type()}"
 
     def export(self, hf_dir: Path, ctx: RunContext, dest: Path | None = None) -> Artifact:
         from edgesmith.compress import gptq_format
@@ -118,7 +118,7 @@ class HFGPTQExporter:
 
         ckpt = gptq_format.GPTQCheckpoint(dest)
         files = [f for f in dest.rglob("*") if f.is_file()]
-        return {"type": self.config.label(), "layout": "folder",
+        return {"type": self.artifact_type(), "layout": "folder",
                 "settings": self.config.model_dump(mode="json"),
                 "quantization_config": ckpt.qconfig,
                 "quantized_tensors": ckpt.quantized_names(),

@@ -210,8 +210,8 @@ def test_kill_mid_write_leaves_no_checkpoint(tiny_llama: Path, tmp_path: Path) -
     pytest.param(dict(), id="w4g128sym-act"),
     pytest.param(dict(group_size=32, sym=False, act_order=False), id="w4g32asym"),
 ])
-def test_onnxruntime_genai_builder_loads_the_checkpoint(tiny_llama: Path, tmp_path: Path,
-                                                        settings: dict[str, Any]) -> None:
+def test_onnxruntime_genai_builder_loads_the_checkpoint(  # type: ignore[no-untyped-def]
+        tiny_llama: Path, tmp_path: Path, settings: dict[str, Any], watched) -> None:
     """onnxruntime-genai 0.18's model builder reads the checkpoint's qweight/qzeros/scales/g_idx
     into MatMulNBits (int4, CPU); its logits are our fake-quantized model's (fp32 activations;
     lm_head and embeddings left unquantized so only GPTQ's weights differ from fp32)."""
@@ -220,12 +220,12 @@ def test_onnxruntime_genai_builder_loads_the_checkpoint(tiny_llama: Path, tmp_pa
     python = interop.ortgenai_python()
     assert python is not None
     onnx_dir = tmp_path / "onnx"
-    interop.ortgenai_build(python, art.path, onnx_dir, tmp_path / "og-cache")
+    interop.ortgenai_build(python, art.path, onnx_dir, tmp_path / "og-cache", run=watched)
     graph = (onnx_dir / "model.onnx").read_bytes()
     assert b"MatMulNBits" in graph
     plain, tok = load_hf(gptq_format.dequantize_checkpoint(art.path, tmp_path / "plain"))
     ids = tok(TEXT)["input_ids"]
-    theirs = interop.ortgenai_logprobs(python, onnx_dir, [ids], tmp_path)[0]
+    theirs = interop.ortgenai_logprobs(python, onnx_dir, [ids], tmp_path, run=watched)[0]
     ours = torch.log_softmax(_logits(plain, ids), -1)[0].numpy()
     fp32 = torch.log_softmax(_logits(load_hf(tiny_llama)[0], ids), -1)[0].numpy()
     kld = float(interop.kld(ours, theirs).mean())
