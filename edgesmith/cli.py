@@ -312,8 +312,14 @@ def targets_fit(
     if quant is not None and quant not in fit.BITS_PER_WEIGHT:
         raise RecipeError(f"unknown --quant {quant}",
                           f"use one of: {', '.join(fit.BITS_PER_WEIGHT)}")
-    rep = fit.estimate(models.resolve(model), t, ctx, quant)
-    if _emit(rep.as_dict(), as_json):
+    ref = models.resolve(model)
+    rep = fit.estimate(ref, t, ctx, quant)
+    browser = None
+    if t.browser is not None:  # what onnxruntime-web can load at all
+        from edgesmith.doctor_onnx import browser_fit
+
+        browser = browser_fit(ref, t)
+    if _emit({**rep.as_dict(), **({"browser": browser} if browser else {})}, as_json):
         return
     mb = lambda b: f"{b / 1e6:,.0f} MB"  # noqa: E731
     table = Table("item", "value", title=f"{model} on {t.name} at ctx {ctx} ({rep.quant})")
@@ -326,6 +332,14 @@ def targets_fit(
                   if rep.model_ctx_limit else "unknown"),
                  ("decode tok/s upper bound", f"{rep.decode_tps_upper_bound:.1f}")]:
         table.add_row(k, v)
+    if browser:
+        table.add_row("browser: q4 weights (one ArrayBuffer)",
+                      f"{mb(browser['q4_bytes'])} of {mb(browser['max_array_buffer_bytes'])}"
+                      f" ({'fits' if browser['fits_array_buffer'] else 'DOES NOT LOAD'})")
+        table.add_row("browser: largest tensor (one WebGPU buffer)",
+                      f"{mb(browser['largest_tensor_bytes'])} of "
+                      f"{mb(browser['max_buffer_bytes'])}"
+                      f" ({'fits' if browser['fits_gpu_buffer'] else 'DOES NOT LOAD'})")
     out.print(table)
     if rep.ctx_beyond_model:
         err.print(f"[yellow]warning:[/] --ctx {ctx:,} is longer than the {rep.model_ctx_limit:,} "

@@ -44,11 +44,40 @@ def checks(ref: models.ModelRef, target: Any, shapes: dict[str, list[int]] | Non
                          "save the model's fast tokenizer (tokenizer.save_pretrained) beside it"))
     if target is None or target.browser is None:
         return out
+    fit = browser_fit(ref, target, shapes)
+    gb = lambda x: f"{x / 1e9:.2f} GB"  # noqa: E731
+    if not fit["fits_array_buffer"]:
+        out.append(Check("onnx", "browser fit", "fail",
+                         f"the q4 weights ({gb(fit['q4_bytes'])}) exceed one ArrayBuffer "
+                         f"({gb(fit['max_array_buffer_bytes'])}) in {target.name}",
+                         "use a smaller model, or prune it first (a prune step)"))
+    elif not fit["fits_gpu_buffer"]:
+        out.append(Check("onnx", "browser fit", "fail",
+                         f"the largest weight ({gb(fit['largest_tensor_bytes'])}) exceeds the "
+                         f"WebGPU buffer limit ({gb(fit['max_buffer_bytes'])})",
+                         "use a smaller model"))
+    else:
+        out.append(Check("onnx", "browser fit", "ok",
+                         f"q4 weights about {gb(fit['q4_bytes'])} (limit "
+                         f"{gb(fit['max_array_buffer_bytes'])}), largest tensor "
+                         f"{gb(fit['largest_tensor_bytes'])} (WebGPU buffer limit "
+                         f"{gb(fit['max_buffer_bytes'])})"))
+    return out
+
+
+def browser_fit(ref: models.ModelRef, target: Any,
+                shapes: dict[str, list[int]] | None = None) -> dict[str, Any]:
+    """The q4 export's size against the browser's limits: the external-data file must fit in
+    one ArrayBuffer, the largest weight in one WebGPU buffer (headers only)."""
     if shapes is None and ref.kind == "gguf":
         from edgesmith.gguf_file import read_header
 
         shapes = {("embed_tokens.weight" if t.name == "token_embd.weight" else t.name):
                   [int(d) for d in t.shape] for t in read_header(ref.path).tensors}
+    elif shapes is None:
+        from edgesmith.doctor import _safetensors_shapes
+
+        shapes = _safetensors_shapes(ref.path)
     shapes = shapes or {}
     emb = max((n for n in shapes if n.endswith("embed_tokens.weight")),
               key=lambda n: _prod(shapes[n]), default=None)
@@ -59,22 +88,11 @@ def checks(ref: models.ModelRef, target: Any, shapes: dict[str, list[int]] | Non
                    *(_prod(s) * Q4_BYTES_PER_PARAM for n, s in shapes.items() if n != emb)],
                   default=0)
     b = target.browser
-    gb = lambda x: f"{x / 1e9:.2f} GB"  # noqa: E731
-    if total > b.max_array_buffer_bytes:
-        out.append(Check("onnx", "browser fit", "fail",
-                         f"the q4 weights ({gb(total)}) exceed one ArrayBuffer "
-                         f"({gb(b.max_array_buffer_bytes)}) in {target.name}",
-                         "use a smaller model, or prune it first (a prune step)"))
-    elif largest > b.max_buffer_bytes:
-        out.append(Check("onnx", "browser fit", "fail",
-                         f"the largest weight ({gb(largest)}) exceeds the WebGPU buffer limit "
-                         f"({gb(b.max_buffer_bytes)})", "use a smaller model"))
-    else:
-        out.append(Check("onnx", "browser fit", "ok",
-                         f"q4 weights about {gb(total)} (limit {gb(b.max_array_buffer_bytes)}), "
-                         f"largest tensor {gb(largest)} (WebGPU buffer limit "
-                         f"{gb(b.max_buffer_bytes)})"))
-    return out
+    return {"q4_bytes": int(total), "largest_tensor_bytes": int(largest),
+            "max_array_buffer_bytes": b.max_array_buffer_bytes,
+            "max_buffer_bytes": b.max_buffer_bytes,
+            "fits_array_buffer": total <= b.max_array_buffer_bytes,
+            "fits_gpu_buffer": largest <= b.max_buffer_bytes, "shader_f16": b.shader_f16}
 
 
 def _prod(shape: list[int]) -> int:

@@ -266,3 +266,12 @@ def test_an_onnx_file_onnxruntime_refuses_is_one_clear_error(exported: dict[str,
         OnnxSession(bad, threads=1)
     r = _cli("bench", str(bad), "--json")
     assert r.returncode == 2 and "onnxruntime refused" in r.stderr
+
+
+def test_targets_fit_reports_the_browsers_limits(tiny_llama: Path) -> None:
+    r = _cli("targets", "fit", str(tiny_llama), "--target", "webgpu-browser", "--json")
+    assert r.returncode == 0, r.stderr
+    b = json.loads(r.stdout)["browser"]
+    # 49152 x 256 int8 embedding + 2 layers of int4 Linears
+    assert 49152 * 256 < b["q4_bytes"] < 49152 * 256 * 1.6
+    assert b["fits_array_buffer"] and b["fits_gpu_buffer"] and b["shader_f16"] is False
