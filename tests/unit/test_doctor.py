@@ -117,9 +117,12 @@ def test_cli_doctor_json_and_exit_codes(tiny_llama: Path, tmp_path: Path) -> Non
     rep = json.loads(ok.stdout)
     assert rep["ok"] is True and rep["recipe"] == "raspberry-pi-5-q4km"
     assert {c["name"] for c in rep["checks"]} >= {"converter", "pre-tokenizer", "fits RAM"}
-    table = _cli("doctor", str(tiny_llama), "--target", "webgpu-browser")
-    assert table.returncode == 2 and "no onnx exporter" in table.stderr
-    assert "format gguf" not in table.stderr and "format onnx" in table.stderr
+    table = _cli("doctor", str(tiny_llama), "--target", "iphone-15")
+    assert table.returncode == 2 and "no mlpackage exporter" in table.stderr
+    assert "format gguf" in table.stderr and "format mlpackage" in table.stderr
+    web = _cli("doctor", str(tiny_llama), "--target", "webgpu-browser")
+    assert web.returncode == 0 and "format onnx" in web.stderr
+    assert "format gguf" not in web.stderr
 
 
 def test_compress_stops_at_once_with_the_doctors_line(tiny_llama: Path, tmp_path: Path) -> None:
