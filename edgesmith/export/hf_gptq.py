@@ -53,16 +53,15 @@ class HFGPTQExportConfig(BaseModel):
 
 
 def _settings(qc: dict[str, Any]) -> dict[str, Any]:
-    """The settings of a checkpoint's quantization_config that decide its weights' layout."""
+    """The settings of a checkpoint's quantization_config that decide how its weights are
+    stored: bits, group size and symmetry always; act-order and the checkpoint format too."""
     return {"bits": int(qc.get("bits", 0)), "group_size": int(qc.get("group_size", -1)),
             "sym": bool(qc.get("sym", True)), "act_order": bool(qc.get("desc_act", False)),
             "checkpoint_format": qc.get("checkpoint_format", "gptq")}
 
 
 def _flags(s: dict[str, Any]) -> str:
-    return (f"--bits {s['bits']} --group-size {s['group_size']} "
-            f"{'--sym' if s['sym'] else '--asym'}, act_order {str(s['act_order']).lower()}, "
-            f"checkpoint_format {s['checkpoint_format']}")
+    return f"--bits {s['bits']} --group-size {s['group_size']} {'--sym' if s['sym'] else '--asym'}"
 
 
 def _tokenizer(hf_dir: Path) -> Any:
@@ -128,13 +127,17 @@ class HFGPTQExporter:
     def _copy(self, src: Path, dest: Path) -> Artifact:
         from edgesmith.compress import gptq_format
 
+        c = self.config
         have = _settings(gptq_format.GPTQCheckpoint(src).qconfig)
-        want = _settings({"bits": self.config.bits, "group_size": self.config.group_size,
-                          "sym": self.config.sym, "desc_act": self.config.act_order,
-                          "checkpoint_format": self.config.checkpoint_format})
-        if have != want:
-            diff = ", ".join(f"{k} {have[k]} (asked {want[k]})" for k in have
-                             if have[k] != want[k])
+        want = _settings({"bits": c.bits, "group_size": c.group_size, "sym": c.sym,
+                          "desc_act": c.act_order, "checkpoint_format": c.checkpoint_format})
+        # act-order and the format are compared only when asked for: the CLI sets neither,
+        # and either way the checkpoint holds the bits, groups and symmetry that were asked
+        asked = {"bits", "group_size", "sym"} | (c.model_fields_set & {"act_order",
+                                                                       "checkpoint_format"})
+        diff = ", ".join(f"{k} {have[k]} (asked {want[k]})" for k in have
+                         if k in asked and have[k] != want[k])
+        if diff:
             raise ModelError(
                 f"{src} is already a GPTQ checkpoint with other settings: {diff}",
                 f"export it with its own settings ({_flags(have)}), or start from the "

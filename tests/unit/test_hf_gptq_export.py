@@ -161,9 +161,17 @@ def test_gptq_input_is_copied_with_its_settings_and_refused_with_others(
     for f in files:
         assert (first.path / f).read_bytes() == (copy.path / f).read_bytes()
     # other settings: a clear refusal naming what differs and the flags that would work
+    # act-order counts only when asked for (the CLI has no flag for it)
+    qc_file = copy.path / "config.json"
+    cfg_json = json.loads(qc_file.read_text())
+    cfg_json["quantization_config"]["desc_act"] = False
+    qc_file.write_text(json.dumps(cfg_json))
+    again = HFGPTQExporter(cfg).export(copy.path, _ctx(tmp_path), tmp_path / "b2")
+    assert again.meta["quantization_config"]["desc_act"] is False
     for other, words in ((dict(group_size=128), "group_size 64 (asked 128)"),
                          (dict(group_size=64, sym=False), "sym True (asked False)"),
-                         (dict(group_size=64, bits=8), "bits 4 (asked 8)")):
+                         (dict(group_size=64, bits=8), "bits 4 (asked 8)"),
+                         (dict(group_size=64, act_order=False), "act_order True (asked False)")):
         with pytest.raises(ModelError) as err:
             HFGPTQExporter(HFGPTQExportConfig(**other, **CALIB)).export(
                 first.path, _ctx(tmp_path), tmp_path / "c")
