@@ -1,0 +1,121 @@
+"""Structured pruning + distillation on SmolLM2-135M, against the unpruned Q4_K_M of the same run.
+
+Runs ``edgesmith compress`` (the command a user runs) three times on the same model, all to
+Q4_K_M with an importance matrix and all scored by llama.cpp on the bundled held-out text
+against the same fp32 reference:
+
+  1. unpruned (the anchor),
+  2. structured prune only,
+  3. structured prune + distillation from the original model,
+
+then ``edgesmith bench`` decodes the anchor and the pruned+distilled GGUF with the same threads
+and token counts. Prints parameters (ratio), file size, perplexity before pruning / after
+pruning / after distillation, the share of the pruning's perplexity increase the distillation
+won back, training tokens and time, and the decode speed ratio.
+
+Example: python benchmarks/prune_distill.py --distill-steps 300 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+STEPS = {
+    "anchor": "",
+    "pruned": "  - prune: {{method: structured, ffn_keep: {ffn_keep}, drop_layers: {drop}, "
+              "multiple_of: {mult}}}\n",
+    "distilled": "  - prune: {{method: structured, ffn_keep: {ffn_keep}, drop_layers: {drop}, "
+                 "multiple_of: {mult}}}\n"
+                 "  - distill: {{teacher: original, steps: {steps}, batch_size: {bs}, "
+                 "seq_len: {seq}, lr: {lr}, temperature: {temp}, alpha: {alpha}}}\n",
+}
+RECIPE = """name: bench-{name}
+target: raspberry-pi-4
+calibration: {{source: builtin:calibration, samples: {samples}, seq_len: 256}}
+eval: {{ctx: 512, windows: {windows}}}
+steps:
+{torch}  - export: {{format: gguf, outtype: f16}}
+  - gguf_quantize: {{type: Q4_K_M, imatrix: true}}
+gates: {{max_kld: 100}}
+"""
+
+
+def _cli(*args: str) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "edgesmith.cli", *args, "--json"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "120"})
+    if p.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="builtin:smollm2-135m")
+    ap.add_argument("--ffn-keep", type=float, default=0.75)
+    ap.add_argument("--drop-layers", type=int, default=3)
+    ap.add_argument("--multiple-of", type=int, default=128)
+    ap.add_argument("--distill-steps", type=int, default=300)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--temperature", type=float, default=2.0)
+    ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--samples", type=int, default=32, help="calibration chunks of 256 tokens")
+    ap.add_argument("--windows", type=int, default=8, help="held-out windows of 512 tokens")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=5, help="edgesmith bench repeats")
+    ap.add_argument("--out", type=Path, default=Path.home() / ".cache/edgesmith/bench/prune")
+    a = ap.parse_args()
+    fill = {"ffn_keep": a.ffn_keep, "drop": a.drop_layers, "mult": a.multiple_of,
+            "steps": a.distill_steps, "bs": a.batch_size, "seq": a.seq_len, "lr": a.lr,
+            "temp": a.temperature, "alpha": a.alpha}
+    man: dict[str, dict[str, Any]] = {}
+    for name, torch_steps in STEPS.items():
+        d = a.out / name
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "recipe.yaml").write_text(RECIPE.format(
+            name=name, samples=a.samples, windows=a.windows, torch=torch_steps.format(**fill)))
+        print(f"compress: {name} ...", file=sys.stderr, flush=True)
+        man[name] = _cli("compress", a.model, "--recipe", str(d / "recipe.yaml"), "-o",
+                         str(d / "out"), "--threads", str(a.threads), "--force")
+    speed = {}
+    for name in ("anchor", "distilled"):
+        art = a.out / name / "out" / man[name]["artifacts"][0]["path"]
+        res = _cli("bench", str(art), "--threads", str(a.threads), "--repeat", str(a.repeat),
+                   "-o", str(a.out / f"bench-{name}.json"), "--force")
+        speed[name] = res["metrics"]["decode_tps"]["median"]
+    prune = next(p for p in man["pruned"]["passes"] if p["pass"] == "prune")
+    dist = next(p for p in man["distilled"]["passes"] if p["pass"] == "distill")
+    ppl = {k: man[k]["artifacts"][0]["quality"]["ppl"] for k in man}
+    size = {k: man[k]["artifacts"][0]["size_bytes"] for k in man}
+    recovered = (ppl["pruned"] - ppl["distilled"]) / max(1e-9, ppl["pruned"] - ppl["anchor"])
+    print(f"model {a.model}; prune ffn_keep {a.ffn_keep} (multiple of {a.multiple_of}), "
+          f"drop_layers {a.drop_layers} -> layers {prune.get('dropped_layers')}; "
+          f"fp32 reference ppl {man['anchor']['reference']['ppl']:.2f}")
+    print("| figure | pruned (+distilled) | anchor: unpruned Q4_K_M | ratio |")
+    print("|---|---:|---:|---:|")
+    print(f"| parameters | {prune['params_after'] / 1e6:.1f} M | "
+          f"{prune['params_before'] / 1e6:.1f} M | {prune['params_ratio']:.3f}x |")
+    print(f"| Q4_K_M size | {size['distilled'] / 1e6:.1f} MB | {size['anchor'] / 1e6:.1f} MB | "
+          f"{size['distilled'] / size['anchor']:.3f}x |")
+    print(f"| held-out ppl (llama.cpp), pruned only | {ppl['pruned']:.2f} | {ppl['anchor']:.2f} "
+          f"| {ppl['pruned'] / ppl['anchor']:.3f}x |")
+    print(f"| held-out ppl, pruned + distilled | {ppl['distilled']:.2f} | {ppl['anchor']:.2f} | "
+          f"{ppl['distilled'] / ppl['anchor']:.3f}x |")
+    print(f"| share of the ppl increase recovered | {recovered:.1%} | (goal >= 50%) | |")
+    print(f"| decode tokens/s, {a.threads} threads | {speed['distilled']:.1f} | "
+          f"{speed['anchor']:.1f} | {speed['distilled'] / speed['anchor']:.3f}x |")
+    print(f"distillation: {dist['training_tokens']} training tokens, {dist['seconds']:.0f} s, "
+          f"{dist['tokens_per_s']:.0f} tokens/s on {dist['device']} (bf16 {dist['bf16']}), "
+          f"loss {dist['loss_curve'][0]['loss']:.3f} -> {dist['loss_curve'][-1]['loss']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
