@@ -239,8 +239,7 @@ def _export_cache(ref: models.ModelRef, hf_dir: Path, exporter: Any, cache: Path
     kind = exporter.artifact_type()
     if exporter.format == "gguf":
         return cache / _converted_name(ref, hf_dir, kind, llamacpp_src.installed_version())
-    return cache / f"{ref.name}.{hf_dir.name}.{exporter.format}-{kind}." \
-        f"{sha256_text(exporter.version())[:12]}"
+    return exporter.cache_path(cache, hf_dir, kind)
 
 
 def plain_gguf(spec: str, qtype: str, progress: Any) -> Path:

@@ -16,6 +16,7 @@ looked up with plain Gather ops, so every runtime runs it); the head also ``int4
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ class QuantOptions:
     embedding: str = "int8"
     head: str = "tied"
     dtype: str = "q4"
+    search: bool = False
+    int8_layers: tuple[str, ...] = ()
 
     @property
     def file_name(self) -> str:
@@ -70,13 +73,44 @@ def nbits_tensors(q: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return b, scales, zeros
 
 
-def _rtn(weight: np.ndarray, bits: int, block: int, name: str) -> Any:
+def _rtn(weight: np.ndarray, bits: int, block: int, name: str, search: bool = False) -> Any:
+    """Round-to-nearest codes of a ``[out, in]`` weight, asymmetric with integer zero points
+    (0..2^bits-1: MatMulNBits has no GPTQ-v1 ``zero - 1`` constraint). With ``search``, each
+    block's range is shrunk by the factor in ``SHRINK`` that gives the least squared error
+    (clipping a few outliers buys a finer grid for the rest)."""
     import torch
 
-    from edgesmith.compress.qweights import QuantSpec, quantize_rtn
+    from edgesmith.compress.qweights import QuantizedLinear
 
-    return quantize_rtn(torch.from_numpy(np.array(weight, dtype=np.float32, copy=True)),
-                        QuantSpec(bits, block, sym=False), name)
+    w = torch.from_numpy(np.array(weight, dtype=np.float32, copy=True))
+    out, k = w.shape
+    if k % block:
+        raise ModelError(f"{name} has {k} input features, not a multiple of the block {block}",
+                         "use block_size 16 or 32")
+    x = w.reshape(out, k // block, block)
+    maxq = (1 << bits) - 1
+    lo0, hi0 = x.amin(-1).clamp(max=0.0), x.amax(-1).clamp(min=0.0)
+    best_err = best_s = best_z = None
+    for f in SHRINK if search else (1.0,):
+        lo, hi = lo0 * f, hi0 * f
+        scale = ((hi - lo) / maxq).to(torch.float32)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero = torch.round(-lo / scale).clamp(0, maxq)
+        codes = torch.clamp(torch.round(x / scale[..., None]) + zero[..., None], 0, maxq)
+        err = (((codes - zero[..., None]) * scale[..., None] - x) ** 2).sum(-1)
+        if best_err is None:
+            best_err, best_s, best_z = err, scale, zero
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s = torch.where(better, scale, best_s)
+            best_z = torch.where(better, zero, best_z)
+    codes = torch.clamp(torch.round(x / best_s[..., None]) + best_z[..., None], 0, maxq)
+    return QuantizedLinear(codes.reshape(out, k).to(torch.uint8), best_s, best_z.to(torch.uint8),
+                           bits, block, False)
+
+
+SHRINK = (1.0, 0.975, 0.95, 0.925, 0.9, 0.875, 0.85, 0.825, 0.8, 0.775, 0.75)
 
 
 class _Graph:
@@ -192,7 +226,7 @@ def quantize(base: Artifact, dest: Path, opts: QuantOptions, ctx: RunContext) ->
     cfg = json.loads((src / "config.json").read_text())
     tied = bool(cfg.get("tie_word_embeddings", False))
     if opts.head == "tied" and not tied:
-        opts = QuantOptions(opts.block_size, opts.embedding, "int8", opts.dtype)
+        opts = dataclasses.replace(opts, head="int8")
     proto = _load(src / "onnx" / "model.onnx")
     g = _Graph(proto)
     ckpt_path = base.meta.get("gptq_checkpoint")
@@ -263,7 +297,7 @@ def quantize(base: Artifact, dest: Path, opts: QuantOptions, ctx: RunContext) ->
                 domain=MS, K=k, N=n, bits=8, block_size=opts.block_size))
             tensors.append({"name": hf, "type": f"int8-b{opts.block_size} (tied)"})
             continue
-        bits = 8 if is_head and opts.head == "int8" else 4
+        bits = 8 if (is_head and opts.head == "int8") or hf.endswith(opts.int8_layers) else 4
         q = None
         if hf in qnames:
             q = ckpt.quantized(hf)
@@ -280,7 +314,7 @@ def quantize(base: Artifact, dest: Path, opts: QuantOptions, ctx: RunContext) ->
             else:
                 written.append(hf)
         if q is None:
-            q = _rtn(wt.T, bits, opts.block_size, hf)
+            q = _rtn(wt.T, bits, opts.block_size, hf, opts.search)
         b, scales, zeros = nbits_tensors(q)
         new_nodes.append(_matmul_nbits(g, node, hf, b, scales, zeros, k, n, q.bits,
                                        q.group_size))
@@ -303,5 +337,6 @@ def quantize(base: Artifact, dest: Path, opts: QuantOptions, ctx: RunContext) ->
         copy_model_files(src, tmp)
     return Artifact(Path(dest), "onnx", {
         "type": opts.dtype, "block_size": opts.block_size, "embedding": opts.embedding,
-        "head": opts.head, "tensors": tensors, "written": written, "not_written": not_written,
+        "head": opts.head, "search": opts.search, "int8_layers": list(opts.int8_layers),
+        "tensors": tensors, "written": written, "not_written": not_written,
         "quantize_s": round(time.perf_counter() - t0, 2)})

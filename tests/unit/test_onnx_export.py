@@ -75,19 +75,20 @@ def test_fp32_export_matches_pytorch_with_and_without_cache(tiny_llama: Path,
 
 def _fake_quantized(tiny_llama: Path, emb_bits: int | None,
                     head_bits: int | None) -> torch.nn.Module:
-    """The torch model with every Linear on the exporter's RTN grid (asymmetric, block 32)."""
-    from edgesmith.compress.qweights import QuantSpec, quantize_rtn
+    """The torch model with every Linear on the exporter's RTN grid (asymmetric, block 32),
+    the embedding (and the tied head) on its int8 grid."""
+    from edgesmith.export.onnx_quant import _rtn
     from edgesmith.models import load_hf
 
     model, _ = load_hf(tiny_llama)
     with torch.no_grad():
         for name, mod in model.named_modules():
             if isinstance(mod, torch.nn.Linear) and name != "lm_head":
-                mod.weight.copy_(quantize_rtn(mod.weight, QuantSpec(4, 32, False)).dequantize())
+                q = _rtn(mod.weight.numpy(), 4, 32, name, search=False)
+                mod.weight.copy_(q.dequantize())
         emb = model.get_input_embeddings().weight
         if emb_bits:
-            emb.copy_(quantize_rtn(emb.detach().clone(), QuantSpec(emb_bits, 32, False))
-                      .dequantize())
+            emb.copy_(_rtn(emb.detach().numpy(), emb_bits, 32, "emb").dequantize())
         if head_bits and head_bits != emb_bits:
             raise AssertionError("tied models only")
     return model
@@ -275,3 +276,29 @@ def test_targets_fit_reports_the_browsers_limits(tiny_llama: Path) -> None:
     # 49152 x 256 int8 embedding + 2 layers of int4 Linears
     assert 49152 * 256 < b["q4_bytes"] < 49152 * 256 * 1.6
     assert b["fits_array_buffer"] and b["fits_gpu_buffer"] and b["shader_f16"] is False
+
+
+def test_int8_layers_and_the_range_search(tiny_llama: Path, exported: dict[str, Path],
+                                          tmp_path: Path) -> None:
+    from edgesmith.context import Artifact
+    from edgesmith.export import onnx_quant
+    from edgesmith.models import load_hf
+
+    base = Artifact(exported["fp32"], "onnx", {})
+    ctx = _ctx(tmp_path)
+    mixed = onnx_quant.quantize(base, tmp_path / "mixed", onnx_quant.QuantOptions(
+        int8_layers=("mlp.down_proj",)), ctx)
+    types = {t["name"]: t["type"] for t in mixed.meta["tensors"]}
+    assert types["model.layers.0.mlp.down_proj"] == "int8-b32"
+    assert types["model.layers.0.mlp.up_proj"] == "int4-b32"
+    searched = onnx_quant.quantize(base, tmp_path / "search", onnx_quant.QuantOptions(
+        search=True), ctx)
+    fp32, _ = load_hf(tiny_llama)
+    ids = _ids(48, 2)
+    ref = _torch_logprobs(fp32, ids)
+    kld = {name: kl_divergence(ref, OnnxSession(p, threads=2).logprobs(ids)).mean()
+           for name, p in (("q4", exported["q4-int8-tied"]), ("mixed", mixed.path),
+                           ("search", searched.path))}
+    assert kld["mixed"] < kld["q4"], kld  # 8-bit down_proj: closer to the model
+    # the search minimizes each block's weight error: the model moves less than plain RTN's
+    assert kld["search"] < kld["q4"] * 1.05, kld
