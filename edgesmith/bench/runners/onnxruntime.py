@@ -92,8 +92,15 @@ class OnnxSession:
                 raise ModelError(f"{path} has no input {need!r}",
                                  "export it with `edgesmith export --format onnx`")
         kv = self.inputs[self.past_names[0]] if self.past_names else None
-        self.kv_heads = int(kv.shape[1]) if kv is not None else 0
-        self.head_dim = int(kv.shape[3]) if kv is not None else 0
+        cfg = self.config
+        heads = int(cfg.get("num_attention_heads") or 1)
+        dims = {1: int(cfg.get("num_key_value_heads") or heads),
+                3: int(cfg.get("head_dim") or int(cfg.get("hidden_size", 0)) // heads)}
+        # a static size in the graph, else (a symbolic one, as onnxruntime-genai's builder
+        # writes) the config's
+        self.kv_heads, self.head_dim = (
+            (kv.shape[i] if isinstance(kv.shape[i], int) else dims[i]) if kv is not None else 0
+            for i in (1, 3))
         self.kv_dtype = np.float16 if kv is not None and "float16" in kv.type else np.float32
         self.n_vocab = int(self.sess.get_outputs()[0].shape[-1] or self.config["vocab_size"])
         self.outputs = [o.name for o in self.sess.get_outputs()]
