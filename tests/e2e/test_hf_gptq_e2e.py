@@ -8,6 +8,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,6 +28,22 @@ def _cli(watched, *args: str):  # type: ignore[no-untyped-def]
                     "--format", "hf-gptq", *args], env=ENV)
 
 
+def _rtn_logprobs(src: Path, windows: list[list[int]], spec: Any) -> list[np.ndarray]:
+    """The fp32 model with every decoder Linear rounded to nearest on the same grid."""
+    import torch
+
+    from edgesmith.compress import qweights as qw
+    from edgesmith.models import load_hf
+
+    model = load_hf(src)[0]
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.Linear) and ".layers." in name:
+                m.weight.copy_(qw.quantize_rtn(m.weight, spec, name).dequantize())
+        return [torch.log_softmax(model(torch.tensor([w])).logits[0].float(), -1).numpy()
+                for w in windows]
+
+
 def test_group_128_does_not_divide_smollm2(tmp_path: Path, watched) -> None:  # type: ignore[no-untyped-def]
     """SmolLM2-135M's hidden size is 576 = 4.5 x 128: the one-line error names the layer and the
     group sizes that work, and nothing is published."""
@@ -43,6 +60,7 @@ def test_export_smollm2_hf_gptq(tmp_path: Path, watched) -> None:  # type: ignor
     from edgesmith import models
     from edgesmith.bench.quality import corpus
     from edgesmith.compress import gptq_format
+    from edgesmith.compress import qweights as qw
     from edgesmith.models import load_hf
 
     out = tmp_path / "out"
@@ -81,7 +99,12 @@ def test_export_smollm2_hf_gptq(tmp_path: Path, watched) -> None:  # type: ignor
     print(f"\nhf-gptq w4 g64 sym act-order on SmolLM2-135M: KLD vs fp32 {kld:.5f}, top-1 "
           f"{100 * top1:.1f}%, {result['size_bytes'] / 1e6:.1f} MB, GPTQ {meta['seconds']} s, "
           f"error {meta['error_total']:.4g} vs RTN {meta['rtn_error_total']:.4g}")
-    assert 1e-4 < kld < 0.1 and top1 > 0.8
+    # SmolLM2 is a dequantized Q4_1 (asymmetric group 32): a symmetric group-64 grid is off
+    # its grid, so 4 bits cost more here than on a model trained in fp (measured 0.15; the
+    # imatrix Q4_0 of llama.cpp, group 32: 0.138). GPTQ must beat round-to-nearest clearly.
+    rtn = interop.mean_kld(fp32, _rtn_logprobs(src, windows, qw.QuantSpec(4, 64, True)))
+    print(f"round-to-nearest at the same settings: KLD {rtn:.5f} ({kld / rtn:.2f}x)")
+    assert 1e-4 < kld < 0.25 and kld < 0.7 * rtn and top1 > 0.7
     assert meta["error_total"] < meta["rtn_error_total"]
 
     python = interop.ortgenai_python()
