@@ -142,11 +142,11 @@ def _llmc_gptq(a: argparse.Namespace) -> dict[str, Any]:
                                                                    weights=args)},
                           ignore=["lm_head"], dampening_frac=a.damp, block_size=128,
                           actorder="static" if a.act_order else None)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     oneshot(model=model, processor=tok, dataset=ds, recipe=recipe,
             max_seq_length=int(ids.shape[1]), num_calibration_samples=len(ids),
             shuffle_calibration_samples=False, batch_size=a.batch)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     weights, drift = {}, 0.0
     with torch.no_grad():
         for name, m in model.named_modules():
@@ -159,7 +159,8 @@ def _llmc_gptq(a: argparse.Namespace) -> dict[str, Any]:
     _plain_dir(model, Path(a.model), Path(a.out), weights)
     import llmcompressor
 
-    return {"seconds": seconds, "quantized": len(weights), "refake_max_change": drift,
+    return {"seconds": seconds, "cpu_seconds": cpu, "quantized": len(weights),
+            "refake_max_change": drift,
             "version": f"llmcompressor {llmcompressor.__version__}"}
 
 
@@ -174,10 +175,22 @@ def _dequantized(model: Any) -> dict[str, Any]:
         for name, m in model.named_modules():
             if not hasattr(m, "dequantize_weight") or not hasattr(m, "qweight"):
                 continue
+            for attr in ("wf", "wf_unsqueeze_zero", "wf_unsqueeze_neg_one"):
+                buf = getattr(m, attr, None)  # shift tables a model-wide .to(dtype) made float
+                if isinstance(buf, torch.Tensor) and buf.is_floating_point():
+                    setattr(m, attr, buf.to(torch.int32))
             w = m.dequantize_weight().float()
             n_in, n_out = int(m.in_features), int(m.out_features)
             x = torch.randn(2, n_in, generator=gen)
-            y = m(x.to(next(iter(m.buffers())).device, m.scales.dtype)).float()
+            y = None
+            for dt in (torch.float32, torch.bfloat16, torch.float16):  # what its kernel takes
+                try:
+                    y = m(x.to(dt)).float()
+                    break
+                except (RuntimeError, NotImplementedError, TypeError):
+                    continue
+            if y is None:
+                raise RuntimeError(f"{name}: its forward takes no float input")
             bias = m.bias.float() if getattr(m, "bias", None) is not None else 0.0
             cands = [c for c in (w, w.t()) if tuple(c.shape) == (n_out, n_in)]
             best = min(cands, key=lambda c: float((x @ c.t() + bias - y).abs().max()))
@@ -195,20 +208,21 @@ def _gptqmodel_awq(a: argparse.Namespace) -> dict[str, Any]:
     ids = np.load(a.calib)
     calib = [{"input_ids": r.tolist(), "attention_mask": [1] * len(r)} for r in ids]
     cfg = AWQConfig(bits=a.bits, group_size=a.group_size, sym=False)
-    model = GPTQModel.load(a.model, cfg, device="cpu", dtype=torch.float32)
-    t0 = time.perf_counter()
+    # its CPU AWQ kernels pack only fp16/bf16 models (fp32 raises NotImplementedError)
+    model = GPTQModel.load(a.model, cfg, device="cpu", dtype=torch.bfloat16)
+    t0, c0 = time.perf_counter(), time.process_time()
     model.quantize(calib, batch_size=a.batch)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     with tempfile.TemporaryDirectory() as tmp:
         model.save(tmp)
         del model
-        q = GPTQModel.load(tmp, device="cpu", dtype=torch.float32)
+        q = GPTQModel.load(tmp, device="cpu", dtype=torch.bfloat16)
         weights = _dequantized(q.model)
         _plain_dir(q.model, Path(a.model), Path(a.out), weights)
     import gptqmodel
 
-    return {"seconds": seconds, "quantized": len(weights),
-            "version": f"gptqmodel {gptqmodel.__version__}"}
+    return {"seconds": seconds, "cpu_seconds": cpu, "quantized": len(weights),
+            "version": f"gptqmodel {gptqmodel.__version__} (bf16 calibration)"}
 
 
 def _gptqmodel_logprobs(a: argparse.Namespace) -> dict[str, Any]:
@@ -221,6 +235,7 @@ def _gptqmodel_logprobs(a: argparse.Namespace) -> dict[str, Any]:
     q = GPTQModel.load(a.model, device="cpu", dtype=torch.float32)
     load_s = time.perf_counter() - t0
     kinds = sorted({type(m).__name__ for m in q.model.modules() if hasattr(m, "qweight")})
+    weights = _dequantized(q.model)  # before any forward: its kernels repack on first use
     windows = np.load(a.windows)
     rows = []
     with torch.inference_mode():
@@ -229,8 +244,18 @@ def _gptqmodel_logprobs(a: argparse.Namespace) -> dict[str, Any]:
             lp = torch.log_softmax(logits[a.start: len(w) - 1].float(), dim=-1)
             rows.append(lp.numpy().astype(np.float16))
     np.save(a.out, np.stack(rows))
-    weights = _dequantized(q.model)
-    return {"load_seconds": load_s, "kernels": kinds, "quantized": len(weights)}
+    diff = 0.0
+    if a.plain:  # the same weights as edgesmith's own dequantization?
+        from safetensors import safe_open
+
+        for f in sorted(Path(a.plain).glob("*.safetensors")):
+            with safe_open(str(f), "pt") as st:
+                for k in st.keys():  # noqa: SIM118
+                    if k in weights:
+                        diff = max(diff, float((st.get_tensor(k).float() - weights[k]).abs()
+                                               .max()))
+    return {"load_seconds": load_s, "kernels": kinds, "quantized": len(weights),
+            "max_weight_diff": diff}
 
 
 WORKERS = {"llmc-gptq": _llmc_gptq, "gptqmodel-awq": _gptqmodel_awq,
@@ -244,6 +269,7 @@ def worker_main(argv: list[str]) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--calib")
     ap.add_argument("--windows")
+    ap.add_argument("--plain", help="a plain HF dir whose weights the loaded ones must equal")
     ap.add_argument("--start", type=int, default=0)
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)

@@ -104,6 +104,22 @@ def _rtn_in_place(model: Any, bits: int, group: int, sym: bool) -> None:
                 m.weight.copy_(qw.quantize_rtn(m.weight, spec, name).dequantize())
 
 
+class _Clock:
+    """Wall and CPU seconds (this process, all threads) of a block: on a shared machine the
+    CPU seconds are what compares methods; wall time is printed too."""
+
+    def __enter__(self) -> _Clock:
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.seconds = time.perf_counter() - self.t0
+        self.cpu_seconds = time.process_time() - self.c0
+
+    def figures(self) -> dict[str, float]:
+        return {"seconds": self.seconds, "cpu_seconds": self.cpu_seconds}
+
+
 def _try(rows: dict[str, dict[str, Any]], label: str, fn: Any) -> None:
     """rows[label] = fn()'s figures, or the reason it could not run (never a made-up row)."""
     print(f"  {label} ...", flush=True)
@@ -142,20 +158,19 @@ def torch_rows(model_dir: Path, args: argparse.Namespace, work: Path) -> dict[st
 
     def rtn(sym: bool) -> dict[str, Any]:
         m, _ = load_hf(model_dir)
-        t0 = time.perf_counter()
-        _rtn_in_place(m, 4, g, sym)
-        return {"seconds": time.perf_counter() - t0, **_q(_InMemory(m), ref)}
+        with _Clock() as c:
+            _rtn_in_place(m, 4, g, sym)
+        return {**c.figures(), **_q(_InMemory(m), ref)}
 
     ckpt = work / "es-gptq"
 
     def es_gptq() -> dict[str, Any]:
         cfg = gptq.GPTQConfig(bits=4, group_size=g, sym=True, act_order=args.act_order,
                               damp=args.damp)
-        t0 = time.perf_counter()
-        gptq.GPTQPass(cfg).run_dir(model_dir, ckpt, ctx())
-        seconds = time.perf_counter() - t0
+        with _Clock() as c:
+            gptq.GPTQPass(cfg).run_dir(model_dir, ckpt, ctx())
         plain = gptq_format.dequantize_checkpoint(ckpt, work / "es-gptq-plain")
-        return {"seconds": seconds, **_eval_dir(plain, ref)}
+        return {**c.figures(), **_eval_dir(plain, ref)}
 
     lib_args = ["--model", str(model_dir), "--calib", str(work / "calib.npy"), "--bits", "4",
                 "--group-size", str(g), "--damp", str(args.damp), "--threads",
@@ -165,19 +180,21 @@ def torch_rows(model_dir: Path, args: argparse.Namespace, work: Path) -> dict[st
         out = work / "llmc-plain"
         res = _libvenv.work("llmcompressor", "llmc-gptq", [
             *lib_args, "--out", str(out), *(["--act-order"] if args.act_order else [])])
-        return {"seconds": res["seconds"], "note": res["version"], **_eval_dir(out, ref)}
+        return {"seconds": res["seconds"], "cpu_seconds": res["cpu_seconds"],
+                "note": res["version"], **_eval_dir(out, ref)}
 
     def es_awq() -> dict[str, Any]:
         m, _ = load_hf(model_dir)
-        t0 = time.perf_counter()
-        awq.AWQPass(awq.AWQConfig(bits=4, group_size=g, sym=False)).run(m, ctx())
-        _rtn_in_place(m, 4, g, False)
-        return {"seconds": time.perf_counter() - t0, **_q(_InMemory(m), ref)}
+        with _Clock() as c:
+            awq.AWQPass(awq.AWQConfig(bits=4, group_size=g, sym=False)).run(m, ctx())
+            _rtn_in_place(m, 4, g, False)
+        return {**c.figures(), **_q(_InMemory(m), ref)}
 
     def gqm_awq() -> dict[str, Any]:
         out = work / "gptqmodel-awq-plain"
         res = _libvenv.work("gptqmodel", "gptqmodel-awq", [*lib_args, "--out", str(out)])
-        return {"seconds": res["seconds"], "note": res["version"], **_eval_dir(out, ref)}
+        return {"seconds": res["seconds"], "cpu_seconds": res["cpu_seconds"],
+                "note": res["version"], **_eval_dir(out, ref)}
 
     def gqm_load() -> dict[str, Any]:
         if not (ckpt / "config.json").exists():
@@ -186,11 +203,14 @@ def torch_rows(model_dir: Path, args: argparse.Namespace, work: Path) -> dict[st
         ours = quality.reference(plain, quality.EvalSpec(512, args.windows), work / "ours-ref")
         np.save(work / "windows.npy", ours.windows)
         res = _libvenv.work("gptqmodel", "gptqmodel-logprobs", [
-            "--model", str(ckpt), "--windows", str(work / "windows.npy"), "--start",
+            "--model", str(ckpt), "--plain", str(plain), "--windows", str(work / "windows.npy"),
+            "--start",
             str(ours.start), "--out", str(work / "gqm-lp.npy"), "--threads",
             str(args.threads)])
         lps = np.load(work / "gqm-lp.npy", mmap_mode="r")
-        return {"seconds": res["load_seconds"], "note": f"kernels {','.join(res['kernels'])}",
+        return {"seconds": res["load_seconds"],
+                "note": f"kernels {','.join(res['kernels'])}; its dequantized weights differ "
+                        f"from ours by at most {res['max_weight_diff']:.1e}",
                 **_q(_Precomputed(lps), ours)}
 
     torch.set_num_threads(args.threads)
@@ -211,13 +231,14 @@ def print_torch(name: str, rows: dict[str, Any], args: argparse.Namespace) -> No
     print(f"\n### {name}: torch fake-quantized, {args.samples} x {args.seq_len} calibration "
           f"tokens, damp {args.damp}, act-order {'static' if args.act_order else 'off'}, "
           f"{args.windows} x 512 held-out windows\n")
-    print("| method | wall s | mean KLD | ppl vs ref | top-1 | note |")
-    print("|---|---:|---:|---:|---:|---|")
+    print("| method | wall s | CPU s | mean KLD | ppl vs ref | top-1 | note |")
+    print("|---|---:|---:|---:|---:|---:|---|")
     for k, r in rows.items():
         if "error" in r:
-            print(f"| {k} | - | - | - | - | could not run: {r['error']} |")
+            print(f"| {k} | - | - | - | - | - | could not run: {r['error']} |")
         else:
-            print(f"| {k} | {r['seconds']:.1f} | {r['kld']:.5f} | {r['ppl']:+.2f}% | "
+            cpu = f"{r['cpu_seconds']:.1f}" if "cpu_seconds" in r else "-"
+            print(f"| {k} | {r['seconds']:.1f} | {cpu} | {r['kld']:.5f} | {r['ppl']:+.2f}% | "
                   f"{100 * r['top1']:.1f}% | {r.get('note', '')} |")
 
     def ratio(a: str, b: str, key: str, target: float, what: str) -> None:
@@ -234,10 +255,12 @@ def print_torch(name: str, rows: dict[str, Any], args: argparse.Namespace) -> No
     print("\nratios")
     ratio(es, lc, "kld", 1.05, "GPTQ KLD, edgesmith / llm-compressor")
     ratio(es, f"RTN w4 g{g} sym (anchor)", "kld", 0.5, "GPTQ KLD, edgesmith / RTN")
-    ratio(es, lc, "seconds", 1.0, "GPTQ time, edgesmith / llm-compressor")
+    ratio(es, lc, "cpu_seconds", 1.0, "GPTQ CPU time, edgesmith / llm-compressor")
+    ratio(es, lc, "seconds", 1.0, "GPTQ wall time, edgesmith / llm-compressor")
     ratio(ea, ga, "kld", 1.05, "AWQ KLD, edgesmith / gptqmodel")
     ratio(ea, f"RTN w4 g{g} asym (anchor)", "kld", 1.0, "AWQ KLD, edgesmith / RTN asym")
-    ratio(ea, ga, "seconds", 1.0, "AWQ time, edgesmith / gptqmodel")
+    ratio(ea, ga, "cpu_seconds", 1.0, "AWQ CPU time, edgesmith / gptqmodel")
+    ratio(ea, ga, "seconds", 1.0, "AWQ wall time, edgesmith / gptqmodel")
     load = rows.get("gptqmodel loads edgesmith's GPTQ checkpoint (KLD vs ours)", {})
     if "kld" in load:
         print(f"- gptqmodel runs edgesmith's GPTQ checkpoint: mean KLD vs our fake-quantized "
@@ -410,5 +433,11 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import signal
+
+    def _stop(*_: Any) -> None:
+        raise SystemExit("stopped (SIGTERM)")  # so the tables measured so far are printed
+
+    signal.signal(signal.SIGTERM, _stop)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main()

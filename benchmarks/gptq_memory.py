@@ -11,6 +11,7 @@ memory (RSS less file-backed pages: the memory-mapped safetensors) are polled; t
 tokens): the activations are the same for both depths.
 
 Usage: python benchmarks/gptq_memory.py [--layers 4 22] [--samples 4] [--seq-len 128] [--quick]
+       [--threads 2] [--tokenizer DIR]
   --quick   1 and 3 layers of a narrower Llama (hidden 512): checks the pipeline in a minute
 """
 
@@ -29,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
-def build(dest: Path, layers: int, hidden: int, ffn: int) -> None:
+def build(dest: Path, layers: int, hidden: int, ffn: int, tok: Path | None = None) -> None:
     """A random bf16 Llama (TinyLlama's shape at hidden 2048 / FFN 5632) with SmolLM2's
     tokenizer, written atomically."""
     import torch
@@ -38,7 +39,7 @@ def build(dest: Path, layers: int, hidden: int, ffn: int) -> None:
     from edgesmith import models
     from edgesmith.fsutil import atomic_dir
 
-    tok = models.as_hf_dir(models.resolve("builtin:smollm2-135m"))
+    tok = tok or models.as_hf_dir(models.resolve("builtin:smollm2-135m"))
     heads = hidden // 64
     cfg = AutoConfig.for_model("llama", hidden_size=hidden, intermediate_size=ffn,
                                num_hidden_layers=layers, num_attention_heads=heads,
@@ -58,13 +59,13 @@ def build(dest: Path, layers: int, hidden: int, ffn: int) -> None:
             shutil.copy(tok / f, tmp / f)
 
 
-def model_dir(layers: int, hidden: int, ffn: int) -> Path:
+def model_dir(layers: int, hidden: int, ffn: int, tok: Path | None = None) -> Path:
     from edgesmith.fsutil import cache_root
 
     dest = cache_root() / "bench" / "gptq-memory" / f"llama-h{hidden}-f{ffn}-l{layers}-bf16"
     if not (dest / "config.json").exists():
         print(f"building {dest.name} (random bf16 weights)", flush=True)
-        build(dest, layers, hidden, ffn)
+        build(dest, layers, hidden, ffn, tok)
     return dest
 
 
@@ -92,6 +93,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--tokenizer", type=Path, default=None,
+                    help="folder with tokenizer.json (default: builtin:smollm2-135m's)")
     ap.add_argument("--child", nargs=2, metavar=("SRC", "DEST"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -106,7 +109,7 @@ def main() -> None:
     rows = []
     try:
         for n in layers:
-            src = model_dir(n, hidden, ffn)
+            src = model_dir(n, hidden, ffn, args.tokenizer)
             st = sum(f.stat().st_size for f in src.glob("*.safetensors"))
             t0 = time.perf_counter()
             _, rss, anon = measure([sys.executable, __file__, "--child", str(src),
