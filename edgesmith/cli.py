@@ -139,6 +139,8 @@ def export(
     bits: int = typer.Option(None, "--bits", help="hf-gptq: 2, 3, 4 (default) or 8."),
     group_size: int = typer.Option(None, "--group-size", help="hf-gptq: 32, 64, 128 (default)."),
     sym: bool = typer.Option(None, "--sym/--asym", help="hf-gptq: symmetric (default) or not."),
+    samples: int = typer.Option(None, "--samples", help="hf-gptq: calibration chunks (32)."),
+    seq_len: int = typer.Option(None, "--seq-len", help="hf-gptq: tokens per chunk (512)."),
     output: Path = typer.Option(Path("out"), "--output", "-o", help="Output directory."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing files."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle",
@@ -168,9 +170,10 @@ def export(
         raise RecipeError(f"unknown export format '{fmt}'", f"use one of: {', '.join(EXPORTERS)}")
     cls = EXPORTERS[fmt]
     given = {"outtype": outtype, "dtype": dtype, "block_size": block_size, "bits": bits,
-             "group_size": group_size, "sym": sym}
+             "group_size": group_size, "sym": sym, "samples": samples, "seq_len": seq_len}
     flags = {"outtype": "--outtype", "dtype": "--dtype", "block_size": "--block-size",
-             "bits": "--bits", "group_size": "--group-size", "sym": "--sym/--asym"}
+             "bits": "--bits", "group_size": "--group-size", "sym": "--sym/--asym",
+             "samples": "--samples", "seq_len": "--seq-len"}
     given = {k: v for k, v in given.items() if v is not None}
     for key in given:
         if key not in cls.Config.model_fields:

@@ -64,7 +64,9 @@ def test_export_smollm2_hf_gptq(tmp_path: Path, watched) -> None:  # type: ignor
     from edgesmith.models import load_hf
 
     out = tmp_path / "out"
-    p = _cli(watched, "--bits", "4", "--group-size", "64", "--json", "-o", str(out))
+    # 8 x 256 calibration tokens keep the test minutes shorter (32 x 512 is the default)
+    p = _cli(watched, "--bits", "4", "--group-size", "64", "--samples", "8", "--seq-len", "256",
+             "--json", "-o", str(out))
     assert p.returncode == 0, p.stderr
     result = json.loads(p.stdout)
     assert result["format"] == "hf-gptq" and result["type"] == "gptq-w4g64"
