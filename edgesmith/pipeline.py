@@ -304,6 +304,16 @@ def _warnings(export: Artifact, final: Artifact) -> list[str]:
             f"format: {n['reason']}" for n in _writer(export, final).meta.get("not_written", [])]
 
 
+def _sparsity_warnings(recipe: Recipe, artifact: Artifact, size: int) -> list[str]:
+    """A prune step that only zeroes weights, before a format that stores every zero."""
+    if artifact.format not in ("gguf", "onnx") or not any(
+            s.name == "prune" and s.config.method != "structured" for s in recipe.steps):
+        return []
+    from edgesmith.compress.prune import SPARSITY_WARNING
+
+    return [f"{SPARSITY_WARNING} (this {artifact.format} artifact: {size / 1e6:.1f} MB)"]
+
+
 def _publish(pub: Publication, src: Path, names: list[str], progress: Any) -> str:
     """Publish an artifact: a file as ``names[0]``, a folder's entries flat into -o; returns
     the sha256 of the main file."""
@@ -414,7 +424,7 @@ def compress(spec: str, recipe: Recipe, opts: Options, progress: Any) -> dict[st
             **_exact_tensors(baseline, artifact),
         }],
         "passes": passed.reports,
-        "warnings": _warnings(baseline, artifact),
+        "warnings": _warnings(baseline, artifact) + _sparsity_warnings(recipe, artifact, size),
         "gates": {"passed": not failures, "failures": failures,
                   "limits": recipe.model.gates.model_dump()},
         "timings_s": t.seconds,

@@ -138,3 +138,29 @@ def test_config_refusals() -> None:
         PruneConfig(method="sparsegpt", modules=["lm_head"])
     with pytest.raises(ValidationError, match="scope: global applies to method magnitude"):
         PruneConfig(method="wanda", scope="global")
+
+
+def test_compress_warns_that_a_sparse_gguf_is_not_smaller(tiny_llama, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    model = tmp_path / "tiny"
+    shutil.copytree(tiny_llama, model)  # its own cache entry
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "name: sparse\ntarget: raspberry-pi-5\n"
+        "calibration: {source: builtin:calibration, samples: 2, seq_len: 64}\n"
+        "eval: {ctx: 128, windows: 2}\n"
+        "steps:\n  - prune: {method: magnitude, sparsity: 0.5}\n"
+        "  - export: {format: gguf, outtype: f16}\n  - gguf_quantize: {type: Q8_0}\n"
+        "gates: {max_kld: 50}\n")
+    r = subprocess.run([sys.executable, "-m", "edgesmith.cli", "compress", str(model),
+                        "--recipe", str(recipe), "-o", str(tmp_path / "out"), "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    man = json.loads(r.stdout)
+    size_mb = man["artifacts"][0]["size_bytes"] / 1e6
+    warned = [w for w in man["warnings"] if w.startswith(SPARSITY_WARNING)]
+    assert len(warned) == 1 and f"{size_mb:.1f} MB" in warned[0]
