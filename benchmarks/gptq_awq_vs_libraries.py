@@ -146,7 +146,8 @@ def _group_size(model_dir: Path, wanted: int) -> int:
     raise SystemExit(f"{model_dir}: widths {widths} take no group size {wanted}")
 
 
-def torch_rows(model_dir: Path, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def torch_rows(model_dir: Path, args: argparse.Namespace, work: Path,
+               rows: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from edgesmith.bench import quality
@@ -162,7 +163,7 @@ def torch_rows(model_dir: Path, args: argparse.Namespace, work: Path) -> dict[st
     calib = CalibrationConfig(samples=args.samples, seq_len=args.seq_len)
     ids = awq.calibration_ids(tok, calib).numpy()  # the chunks every method gets
     np.save(work / "calib.npy", ids)
-    g, rows = _group_size(model_dir, args.group_size), {}
+    g = _group_size(model_dir, args.group_size)
     args.groups_used[model_dir.name] = g
 
     def ctx() -> RunContext:
@@ -301,14 +302,15 @@ def _decode_tps(path: Path, threads: int, repeat: int) -> float:
     return float(json.loads(p.stdout)["metrics"]["decode_tps"]["median"])
 
 
-def gguf_rows(model_dir: Path, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def gguf_rows(model_dir: Path, args: argparse.Namespace, work: Path,
+              rows: dict[str, Any]) -> dict[str, Any]:
     from edgesmith.bench import quality
     from edgesmith.bench.runners.llama_cpp import LlamaCppRunner
     from edgesmith.export import llamacpp_src
 
     src = llamacpp_src.source_dir()
     bindir = llamacpp_src.build_tools(("llama-quantize", "llama-imatrix"))
-    t, rows = str(args.threads), {}
+    t = str(args.threads)
     recipe = (HERE.parent / "recipes" / "raspberry-pi-5-gptq-q4_0.yaml").read_text()
     recipe = recipe.replace("samples: 32, seq_len: 512",
                             f"samples: {args.samples}, seq_len: {args.seq_len}")
@@ -351,7 +353,7 @@ def gguf_rows(model_dir: Path, args: argparse.Namespace, work: Path) -> dict[str
     _try(rows, "llama.cpp imatrix Q4_K_M (anchor)", lambda: lc("Q4_K_M"))
     ref = quality.reference(model_dir, quality.EvalSpec(512, args.windows),
                             offgrid.refs_dir(model_dir), threads=args.threads)
-    for r in rows.values():
+    for r in list(rows.values()):
         if "path" not in r:
             continue
         sess = LlamaCppRunner().open(Path(r["path"]), threads=args.threads, n_ctx=512,
@@ -373,7 +375,7 @@ def print_gguf(name: str, rows: dict[str, Any], args: argparse.Namespace) -> Non
     print("|---|---:|---:|---:|---:|---:|")
     for k, r in rows.items():
         if "kld" not in r:
-            print(f"| {k} | - | - | - | - | could not run: {r.get('error')} |")
+            print(f"| {k} | - | - | - | - | {r.get('error', 'not evaluated (stopped)')} |")
             continue
         tps = f"{r['tps']:.1f}" if "tps" in r else "-"
         print(f"| {k} | {r['size'] / 1e6:.1f} | {r['kld']:.5f} | {r['ppl']:+.2f}% | "
@@ -445,8 +447,9 @@ def main() -> None:
                 print(f"[{kind} rows] {name}", flush=True)
                 w = work / f"{kind}-{key}"
                 w.mkdir()
-                tables.append((kind, name, (torch_rows if kind == "torch" else gguf_rows)(
-                    d, args, w)))
+                rows: dict[str, Any] = {}  # printed at the end, also when stopped midway
+                tables.append((kind, name, rows))
+                (torch_rows if kind == "torch" else gguf_rows)(d, args, w, rows)
     finally:
         for kind, name, rows in tables:
             (print_torch if kind == "torch" else print_gguf)(name, rows, args)
