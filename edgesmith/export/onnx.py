@@ -258,13 +258,6 @@ def copy_model_files(hf_dir: Path, dest: Path) -> None:
         (dest / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 
 
-def folder_bytes(path: Path) -> int:
-    path = Path(path)
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
 class OnnxExporter:
     """Exporter plug point: ``export(hf_dir, ctx, dest) -> Artifact`` (a folder)."""
 
