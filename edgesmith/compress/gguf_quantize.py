@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator, model_serializer
 
 from edgesmith.compress.imatrix import IMatrix
 from edgesmith.context import Artifact, RunContext
@@ -37,12 +37,39 @@ _FALLBACK = re.compile(
     r".*?-> falling back to\s+(\S+)", re.S)
 _PROGRESS = re.compile(r"\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
 _log_lock = threading.Lock()
+# ggml tensor types a per-tensor override may name (llama-quantize --tensor-type NAME=TYPE)
+TensorType = Literal["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K",
+                     "Q4_1", "Q4_0", "Q3_K", "Q2_K"]
 
 
 class GGUFQuantizeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: QuantType = "Q4_K_M"
     imatrix: bool = False
+    # per-tensor types: a regular expression searched in llama.cpp's tensor names (e.g.
+    # "ffn_down" or "blk[.]0[.]attn_v") -> the type of the tensors it matches, as
+    # llama-quantize's --tensor-type; llama.cpp still falls back where a row does not fit
+    tensor_types: dict[str, TensorType] = {}
+
+    @field_validator("tensor_types")
+    @classmethod
+    def _patterns_compile(cls, v: dict[str, str]) -> dict[str, str]:
+        for pattern in v:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"tensor_types: {pattern!r} is not a regular expression "
+                                 f"({exc})") from exc
+        return v
+
+    @model_serializer(mode="wrap")
+    def _without_empty_overrides(self, handler: Any) -> Any:
+        """No ``tensor_types`` key when there are none: the pipeline's cache keys (the
+        config's JSON) of recipes without overrides stay what they were."""
+        data = handler(self)
+        if isinstance(data, dict) and not data.get("tensor_types"):
+            data.pop("tensor_types", None)
+        return data
 
 
 def tensor_types(path: Path) -> list[dict[str, Any]]:
@@ -67,13 +94,31 @@ def _imatrix_array(imx: IMatrix, keep: list[Any]) -> Any:
     return arr
 
 
-def _overrides_array(written: list[dict[str, Any]], keep: list[Any]) -> Any:
-    """llama.cpp tensor-type overrides that keep each ``written`` tensor's own type."""
+def expand_tensor_types(src: Path, overrides: dict[str, str],
+                        skip: set[str] | None = None) -> list[tuple[str, str]]:
+    """Per-tensor overrides as exact-name patterns for the tensors of ``src`` each pattern
+    matches (the last matching pattern wins, as in llama-quantize), ``skip`` left out; so
+    they never overlap the overrides that keep a pass's exact blocks."""
+    pats = [(re.compile(p), t) for p, t in overrides.items()]
+    out = []
+    for t in read_header(src).tensors:
+        if t.name in (skip or set()) or len(t.shape) < 2:
+            continue
+        hit = [ttype for rx, ttype in pats if rx.search(t.name)]
+        if hit:
+            out.append((f"^{t.name.replace('.', '[.]')}$", hit[-1]))
+    return out
+
+
+def _overrides_array(written: list[dict[str, Any]], keep: list[Any],
+                     extra: list[tuple[str, str]] | None = None) -> Any:
+    """llama.cpp tensor-type overrides that keep each ``written`` tensor's own type (and
+    the ``extra`` per-tensor types)."""
     import llama_cpp
 
     from edgesmith.export import gguf_blocks
 
-    ov = gguf_blocks.keep_overrides(written)
+    ov = [*(extra or []), *gguf_blocks.keep_overrides(written)]
     arr = (llama_cpp.llama_model_tensor_override * (len(ov) + 1))()
     for i, (pattern, ttype) in enumerate(ov):
         b = pattern.encode()
@@ -86,9 +131,11 @@ def _overrides_array(written: list[dict[str, Any]], keep: list[Any]) -> Any:
 
 
 def quantize(src: Path, dest: Path, qtype: str, imx: IMatrix | None, ctx: RunContext,
-             keep_tensors: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+             keep_tensors: list[dict[str, Any]] | None = None,
+             type_overrides: dict[str, str] | None = None) -> dict[str, Any]:
     """Quantize ``src`` into ``dest`` (atomically); return per-tensor types and fallbacks.
-    ``keep_tensors`` (``[{tensor, type}]``) are copied unchanged, not re-quantized."""
+    ``keep_tensors`` (``[{tensor, type}]``) are copied unchanged, not re-quantized;
+    ``type_overrides`` (pattern -> type) sets the type of the tensors each pattern matches."""
     llama_cpp = require("llama_cpp", "gguf")
     from llama_cpp import _logger
 
@@ -103,8 +150,14 @@ def quantize(src: Path, dest: Path, qtype: str, imx: IMatrix | None, ctx: RunCon
     if imx is not None:
         params.imatrix = ctypes.cast(_imatrix_array(imx, keep),
                                      ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-    if keep_tensors:
-        params.tt_overrides = ctypes.cast(_overrides_array(keep_tensors, keep),
+    extra = expand_tensor_types(src, type_overrides,
+                                {k["tensor"] for k in keep_tensors or []}) if type_overrides else []
+    if type_overrides and not extra:
+        raise ToolError(f"no tensor of {src.name} matches the tensor_types patterns "
+                        f"{', '.join(type_overrides)}", "use llama.cpp tensor names, e.g. "
+                        "ffn_down, attn_v, output, token_embd")
+    if keep_tensors or extra:
+        params.tt_overrides = ctypes.cast(_overrides_array(keep_tensors or [], keep, extra),
                                           ctypes.POINTER(llama_cpp.llama_model_tensor_override))
     label = f"quantize {qtype}" + (" + imatrix" if imx else "") + " (llama.cpp)"
     task = ctx.task(label, total=None)
@@ -139,6 +192,8 @@ def quantize(src: Path, dest: Path, qtype: str, imx: IMatrix | None, ctx: RunCon
     tensors = tensor_types(dest)
     out: dict[str, Any] = {"tensors": tensors, "fallbacks": fallbacks,
                            "imatrix_entries": len(imx.data) if imx else 0}
+    if extra:
+        out["overrides"] = [{"pattern": p, "type": t} for p, t in extra]
     if keep_tensors:
         types = {t["name"]: t["type"] for t in tensors}
         changed = [k["tensor"] for k in keep_tensors if types.get(k["tensor"]) != k["type"]]
@@ -171,5 +226,6 @@ class GGUFQuantizePass:
         imx = ctx.extras.get("imatrix") if self.config.imatrix else None
         dest = ctx.extras.get("dest") or artifact.path.with_name(f"model.{qtype}.gguf")
         info = quantize(artifact.path, Path(dest), qtype, imx, ctx,
-                        keep_tensors=artifact.meta.get("written") or None)
+                        keep_tensors=artifact.meta.get("written") or None,
+                        type_overrides=dict(self.config.tensor_types) or None)
         return Artifact(Path(dest), "gguf", {"type": qtype, "imatrix": imx is not None, **info})

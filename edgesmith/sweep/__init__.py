@@ -1,0 +1,1 @@
+"""edgesmith sweep: many variants of a model, measured, with the best choice per target."""
