@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from edgesmith.compress.awq import AWQPass
+from edgesmith.compress.coreml_compress import CoreMLCompressPass
 from edgesmith.compress.distill import DistillPass
 from edgesmith.compress.gguf_quantize import GGUFQuantizePass
 from edgesmith.compress.gptq import GPTQPass
@@ -24,4 +25,5 @@ PASSES: dict[str, Any] = {
     "gptq": GPTQPass,
     "gguf_quantize": GGUFQuantizePass,
     "onnx_quantize": OnnxQuantizePass,
+    "coreml_compress": CoreMLCompressPass,
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from edgesmith.export.coreml import CoreMLExporter
 from edgesmith.export.gguf import GGUFExporter
 from edgesmith.export.hf_gptq import HFGPTQExporter
 from edgesmith.export.onnx import OnnxExporter
@@ -12,4 +13,5 @@ EXPORTERS: dict[str, Any] = {
     "gguf": GGUFExporter,
     "onnx": OnnxExporter,
     "hf-gptq": HFGPTQExporter,
+    "coreml": CoreMLExporter,
 }

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from edgesmith.bench.runners.coreml import CoreMLRunner
 from edgesmith.bench.runners.llama_cpp import LlamaCppRunner
 from edgesmith.bench.runners.onnxruntime import OnnxRuntimeRunner
 from edgesmith.bench.runners.torch import TorchRunner
@@ -15,8 +16,9 @@ RUNNERS: dict[str, Any] = {
     "llama_cpp": LlamaCppRunner,
     "onnxruntime": OnnxRuntimeRunner,
     "torch": TorchRunner,
+    "coreml": CoreMLRunner,
 }
-FORMAT_RUNNERS = {"gguf": "llama_cpp", "onnx": "onnxruntime", "hf": "torch"}
+FORMAT_RUNNERS = {"gguf": "llama_cpp", "onnx": "onnxruntime", "hf": "torch", "coreml": "coreml"}
 
 
 def for_format(fmt: str) -> Any:
@@ -27,6 +29,8 @@ def for_format(fmt: str) -> Any:
 
 def runner_for(path: Path) -> Any:
     path = Path(path)
+    if path.is_dir() and (path.suffix == ".mlpackage" or (path / "model.mlpackage").is_dir()):
+        return RUNNERS["coreml"]()
     if path.is_file() and path.suffix == ".gguf":
         return RUNNERS["llama_cpp"]()
     if (path.is_file() and path.suffix == ".onnx") or (path.is_dir() and (path / "onnx").is_dir()):

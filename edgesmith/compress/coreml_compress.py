@@ -1,0 +1,224 @@
+"""Format-side pass: an exported fp16 ``.mlpackage``'s weights compressed for the iPhone.
+
+Modes (``coremltools.optimize.coreml``, iOS 18 ops):
+- ``int8``: linear symmetric int8, one scale per output channel
+  (``constexpr_blockwise_shift_scale``);
+- ``int4``: linear int4 per block of ``block_size`` input columns (asymmetric, int4 offsets);
+  the embedding (and a head tied to it) int8 per channel unless ``embedding: int4``;
+- ``palettize4``: 4-bit k-means look-up tables per group of 16 output channels
+  (``constexpr_lut_to_dense``; the Neural Engine's preferred form; needs scikit-learn, slow).
+
+When the recipe ran GPTQ/AWQ, the checkpoint's own integer codes, zero points and fp16 scales
+are written as ``constexpr_blockwise_shift_scale`` constants (uint codes, uint offsets): the
+weight is quantized once. Only a tensor Core ML cannot hold that way (act-order groups out of
+column order, a group that does not divide the row) is re-quantized, named in ``not_written``.
+The result is read back (milproto) and every weight compared with what was meant.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from edgesmith.context import Artifact, RunContext
+from edgesmith.export import coreml_package as pkgio
+from edgesmith.fsutil import atomic_dir
+
+
+class CoreMLCompressConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["int8", "int4", "palettize4"] = "int8"
+    block_size: Literal[16, 32, 64, 128] = 32
+    # the embedding (and a tied head): int8 per channel keeps a small model usable
+    embedding: Literal["int8", "int4", "fp16"] = "int8"
+
+
+LABELS = {"int8": "int8-per-channel", "int4": "int4-b{b}", "palettize4": "lut4-g16",
+          "fp16": "fp16"}
+
+
+def _op_config(mode: str, block_size: int) -> Any:
+    import coremltools.optimize.coreml as cto
+
+    if mode == "int8":
+        return cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8",
+                                           granularity="per_channel")
+    if mode == "int4":
+        return cto.OpLinearQuantizerConfig(mode="linear", dtype="int4",
+                                           granularity="per_block", block_size=block_size)
+    return cto.OpPalettizerConfig(nbits=4, mode="kmeans", granularity="per_grouped_channel",
+                                  group_size=16)
+
+
+def _gptq_pass(codes: dict[str, Any]) -> Any:
+    """A graph pass writing each named const as the GPTQ codes (uint), zeros and scales."""
+    from coremltools.converters.mil.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+    from coremltools.converters.mil.mil.passes.defs.quantization import (
+        AbstractQuantizationPass,
+    )
+
+    class WriteCodes(AbstractQuantizationPass):  # type: ignore[misc]
+        def is_valid_op(self, op: Any) -> bool:
+            return op.op_type == "const" and op.name in codes
+
+        def transform_op(self, op: Any) -> None:
+            q = codes[op.name]
+            dt = types.np_uint4_dtype if q.bits == 4 else np.uint8
+            new = mb.constexpr_blockwise_shift_scale(
+                data=q.codes.numpy().astype(dt), scale=q.scales.numpy().astype(np.float16),
+                offset=q.zeros.numpy().astype(dt), before_op=op, name=op.name + "_gptq")
+            op.enclosing_block.replace_uses_of_var_after_op(
+                anchor_op=op, old_var=op.outputs[0], new_var=new, no_check_var_types=True)
+            op.enclosing_block.remove_ops([op])
+
+    return WriteCodes()
+
+
+def _reason(q: Any, cols: int) -> str | None:
+    if q.bits not in (4, 8):
+        return f"{q.bits}-bit codes (Core ML blockwise constants here take 4 and 8)"
+    if not q.ordinal:
+        return "act-order columns out of group order"
+    if cols % q.group_size:
+        return f"group size {q.group_size} does not divide {cols} columns"
+    return None
+
+
+def compress(base: Artifact, dest: Path, config: CoreMLCompressConfig,
+             ctx: RunContext) -> Artifact:
+    """Write ``dest``: the folder of ``base`` (fp16) with its package compressed."""
+    import coremltools.optimize.coreml as cto
+    import torch
+    from coremltools.converters.mil.mil.passes.graph_pass import PassOption
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+    from coremltools.models.utils import _apply_graph_pass
+
+    from edgesmith.compress import gptq_format
+    from edgesmith.export.coreml import package_checks
+
+    ct = pkgio.require()
+    t0 = time.perf_counter()
+    src = Path(base.path)
+    pkg = pkgio.package_path(src)
+    _spec, prog = pkgio.load_program(pkg)
+    cfg = json.loads((src / "config.json").read_text())
+    task = ctx.task(f"Core ML {config.mode}: compress weights", total=2)
+    # which const holds which HF weight (the export names them after the parameters)
+    from edgesmith.export.coreml_llama import CoreMLLlama, spec_of
+
+    shell = CoreMLLlama(spec_of(cfg), 2, False)
+    param_names = [n for n, _ in shell.named_parameters()]
+    names = pkgio.weight_name_map(param_names)
+    consts = {pkgio.hf_name(op.name, names): op for op in prog.functions["main"].operations
+              if op.op_type == "const" and pkgio.hf_name(op.name, names)}
+    ckpt_path = base.meta.get("gptq_checkpoint")
+    ckpt = gptq_format.GPTQCheckpoint(Path(ckpt_path)) if ckpt_path else None
+    gptq: dict[str, Any] = {}
+    written: list[str] = []
+    not_written: list[dict[str, str]] = []
+    for hf in ckpt.quantized_names() if ckpt else []:
+        weight = f"{hf}.weight"
+        if weight not in consts:
+            not_written.append({"tensor": weight, "hf": hf, "reason": "no constant of that "
+                                "name in the package"})
+            continue
+        q = ckpt.quantized(hf)
+        reason = _reason(q, int(consts[weight].outputs[0].shape[-1]))
+        if reason:
+            not_written.append({"tensor": weight, "hf": hf, "reason": reason})
+            continue
+        gptq[consts[weight].name] = q
+        written.append(hf)
+    emb = "model.embed_tokens.weight"
+    op_cfg = _op_config(config.mode, config.block_size)
+    emb_cfg = None if config.embedding == "fp16" else op_cfg if config.embedding == \
+        config.mode else _op_config(config.embedding, config.block_size)
+    by_name: dict[str, Any] = {}
+    tensors: list[dict[str, Any]] = []
+    for hf, op in consts.items():
+        if op.name in gptq:
+            q = gptq[op.name]
+            tensors.append({"name": hf, "type": f"uint{q.bits}-b{q.group_size}",
+                            "from": "gptq codes"})
+            continue
+        if op.outputs[0].val is None or op.outputs[0].val.size < pkgio.MIN_WEIGHT:
+            continue
+        chosen = emb_cfg if hf == emb else op_cfg
+        by_name[op.name] = chosen
+        mode = "fp16" if chosen is None else config.mode if chosen is op_cfg else \
+            config.embedding
+        tensors.append({"name": hf, "type": LABELS[mode].format(b=config.block_size),
+                        "from": "rtn" if mode.startswith("int") else mode})
+    ctx.progress.advance(task)
+    passes: list[Any] = []
+    if gptq:
+        passes.append(_gptq_pass(gptq))
+    lin = {k: v for k, v in by_name.items() if v is not None and
+           isinstance(v, cto.OpLinearQuantizerConfig)}
+    pal = {k: v for k, v in by_name.items() if v is not None and
+           isinstance(v, cto.OpPalettizerConfig)}
+    for registered, chosen in (("compression::linear_quantize_weights", lin),
+                               ("compression::palettize_weights", pal)):
+        if chosen:
+            p = PASS_REGISTRY[registered]
+            p.set_options([PassOption("config", cto.OptimizationConfig(
+                global_config=None, op_name_configs=chosen))])
+            passes.append(p)
+    with pkgio.quiet():
+        mlmodel = ct.models.MLModel(str(pkg), skip_model_load=True)
+        out = _apply_graph_pass(mlmodel, passes, spec_version=mlmodel.get_spec()
+                                .specificationVersion, skip_model_load=True) if passes \
+            else mlmodel
+    ctx.progress.advance(task)
+    with atomic_dir(Path(dest)) as tmp:
+        with pkgio.quiet():
+            out.save(str(tmp / pkgio.PACKAGE))
+        for f in src.iterdir():
+            if f.name != pkgio.PACKAGE and f.is_file():
+                shutil.copy2(f, tmp / f.name)
+        expected = None
+        if gptq:  # the codes must come back as the checkpoint's own dequantized values
+            expected = {hf: (gptq[consts[hf].name].dequantize().to(torch.float16).float()
+                             .numpy()) for hf in (f"{h}.weight" for h in written)}
+        checks = package_checks(tmp / pkgio.PACKAGE, bool(base.meta.get("stateful", True)),
+                                param_names, expected)
+        if gptq:
+            checks[-1]["name"] = "GPTQ codes decompressed from the package equal the " \
+                                 "checkpoint's weights (fp16 rounding)"
+    return Artifact(Path(dest), "coreml", {
+        "type": config.mode, "block_size": config.block_size, "embedding": config.embedding,
+        "kv_cache": base.meta.get("kv_cache"), "stateful": base.meta.get("stateful"),
+        "context": base.meta.get("context"), "target": "iOS18",
+        "tensors": tensors, "written": written, "not_written": not_written,
+        "checks": [*base.meta.get("checks", [])[:1], *checks],
+        "quantize_s": round(time.perf_counter() - t0, 2)})
+
+
+class CoreMLCompressPass:
+    """Format-side Pass plug point: ``run(artifact, ctx) -> Artifact`` (a model folder)."""
+
+    name = "coreml_compress"
+    Config = CoreMLCompressConfig
+    kind = "format"
+    formats = ("coreml",)
+
+    def __init__(self, config: CoreMLCompressConfig | None = None) -> None:
+        self.config = config or CoreMLCompressConfig()
+
+    def artifact_type(self) -> str:
+        return self.config.mode
+
+    def cache_name(self, key: str) -> str:
+        return f"coreml-{self.config.mode}.{key}"
+
+    def run(self, artifact: Artifact, ctx: RunContext) -> Artifact:
+        dest = Path(ctx.extras.get("dest") or artifact.path.with_name(
+            f"{artifact.path.name}-{self.config.mode}"))
+        return compress(artifact, dest, self.config, ctx)
