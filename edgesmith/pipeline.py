@@ -415,6 +415,11 @@ def compress(spec: str, recipe: Recipe, opts: Options, progress: Any) -> dict[st
         "artifacts": [{
             "path": names[0], "format": artifact.format, "type": artifact.meta.get("type"),
             "runtime": for_format(artifact.format).name,
+            # how the quality figures were obtained: in the runtime itself, unless the runner
+            # says otherwise (Core ML's predict needs macOS: estimated on Linux)
+            "verified": getattr(for_format(artifact.format), "verified", "in its runtime"),
+            # the exporter's and passes' own checks (e.g. a chat answer in LiteRT-LM)
+            "checks": artifact.meta.get("checks", []),
             "size_bytes": size,
             "sha256": None,  # of the bytes published, below
             "imatrix": artifact.meta.get("imatrix", False),
