@@ -199,7 +199,10 @@ class DistillPass:
         model.to(device).train()
         if c.gradient_checkpointing:
             model.gradient_checkpointing_enable({"use_reentrant": False})
-        opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        # fused AdamW (one kernel per step, on CUDA and on the CPU), as transformers' Trainer
+        # uses by default
+        opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay,
+                                fused=True)
         start, curve = 0, []
         if (ckpt / "state.json").exists():
             state = json.loads((ckpt / "state.json").read_text())
@@ -210,7 +213,9 @@ class DistillPass:
             start, curve = state["step"], state["curve"]
         resumed = start
         task = ctx.progress.add_task("distill", total=c.steps, completed=start)
-        tokens, t_run, acc = 0, time.perf_counter(), {"loss": 0.0, "kl": 0.0, "ce": 0.0, "n": 0}
+        # the running sums stay on the device: reading a loss is a sync, done at log steps only
+        zero = lambda: {k: torch.zeros((), device=device) for k in ("loss", "kl", "ce")}  # noqa: E731
+        tokens, t_run, acc, n_acc = 0, time.perf_counter(), zero(), 0
         amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
         for step in range(start, c.steps):
             g = torch.Generator().manual_seed(c.seed * 1_000_003 + step)
@@ -228,17 +233,18 @@ class DistillPass:
             del t_logits, s_logits
             tokens += batch.numel()
             for k, v in (("loss", loss), ("kl", kl), ("ce", ce)):
-                acc[k] += float(v.detach())
-            acc["n"] += 1
+                acc[k] += v.detach()
+            n_acc += 1
             rate = tokens / max(1e-9, time.perf_counter() - t_run)
             done = step + 1
             if done % c.log_every == 0 or done == c.steps:
-                n = acc.pop("n")
-                curve.append({"step": done, **{k: round(v / n, 5) for k, v in acc.items()},
+                curve.append({"step": done, **{k: round(float(v) / n_acc, 5)
+                                               for k, v in acc.items()},
                               "tokens_per_s": round(rate, 1)})
-                acc = {"loss": 0.0, "kl": 0.0, "ce": 0.0, "n": 0}
-            ctx.progress.update(task, advance=1, description=(
-                f"distill: loss {float(loss.detach()):.3f}, {rate:,.0f} tokens/s"))
+                acc, n_acc = zero(), 0
+                ctx.progress.update(task, description=(
+                    f"distill: loss {curve[-1]['loss']:.3f}, {rate:,.0f} tokens/s"))
+            ctx.progress.update(task, advance=1)
             if done % c.checkpoint_every == 0 and done < c.steps:
                 self._save(ckpt, model, opt, done, curve)
         if c.gradient_checkpointing:
