@@ -8,7 +8,8 @@ measuring as it goes instead of building the whole grid.
    type L just below T (which misses the goal), raise one class of tensors at a time to T's
    block type, most sensitive first (attn_v, ffn_down, output, ... as llama.cpp's own mixes
    do), measuring KLD after each; a step that does not lower KLD is undone. It stops when a
-   mix meets the goal (the answer, if smaller than T) or is no smaller than T (T is).
+   mix meets the goal (the answer, if smaller than T), is no smaller than T (T is), or
+   when one more measurement would make the search as costly as the grid.
 
 Every measurement is a normal variant (``<out>/<variant>/`` with its manifest) that shares the
 F16 GGUF, reference and importance matrix through the cache; the path, the measured count
@@ -96,8 +97,9 @@ def run(spec: str, s: plan.Settings, quants: list[str], methods: list[str],
             lo = mid + 1
     answer = fitting[best] if best is not None else None
     if best is not None and best > 0:
+        # at most the grid's count minus one measurements in all
         answer = _greedy(o.out_dir, fitting[best - 1], fitting[best], s, method, measure,
-                         measured) or answer
+                         measured, len(fitting) - 1 - len(measured)) or answer
     res = measured.get(answer.name) if answer else None
     summary_search = {
         "goal": s.goal, "ladder": ladder, "grid_variants": len(fitting),
@@ -112,8 +114,8 @@ def run(spec: str, s: plan.Settings, quants: list[str], methods: list[str],
 
 
 def _greedy(out_dir: Path, low: plan.Variant, high: plan.Variant, s: plan.Settings,
-            method: str, measure: Any, measured: dict[str, dict[str, Any]]) \
-        -> plan.Variant | None:
+            method: str, measure: Any, measured: dict[str, dict[str, Any]],
+            budget_left: int) -> plan.Variant | None:
     """Raise tensor classes of ``low`` to ``high``'s block type until the goal is met."""
     from edgesmith.compress.gguf_quantize import tensor_types
 
@@ -123,7 +125,10 @@ def _greedy(out_dir: Path, low: plan.Variant, high: plan.Variant, s: plan.Settin
     high_size = measured[high.name]["size_bytes"]
     kept: dict[str, str] = {}
     last_kld = base["quality"]["kld_mean"]
+    budget = len(measured) + max(0, budget_left)
     for cls in classes_of(tensors):
+        if len(measured) >= budget:
+            return None  # the search would cost as much as the grid
         trial = {**kept, class_pattern(cls): target_type}
         v = plan.build_variant(low.quant, method, s, trial)
         r = measure(v, f"raise {cls} to {target_type}")
