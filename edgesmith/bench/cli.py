@@ -90,6 +90,10 @@ def bench(
         from edgesmith.models import resolve
 
         artifact = Path(resolve(artifact_spec).path)
+    if artifact.suffix == ".mlpackage" or (artifact / "model.mlpackage").is_dir():
+        from edgesmith.bench.runners.coreml import NO_SPEED
+
+        raise NO_SPEED  # Core ML's predict needs macOS: no figures are made up here
     if quality and not reference:
         raise EdgesmithError("--quality needs a reference model",
                              "add --reference MODEL (the uncompressed model, e.g. builtin:NAME)")

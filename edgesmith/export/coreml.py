@@ -59,6 +59,38 @@ def check_exportable(hf_dir: Path, context: int) -> None:
     spec_of(json.loads((Path(hf_dir) / "config.json").read_text()), context)
 
 
+GGUF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def doctor_checks(ref: Any, context: int = 2048) -> list[Any]:
+    """``edgesmith doctor``'s checks for the coreml format (header-only, seconds): the
+    architecture the decoder covers, coremltools installed."""
+    from edgesmith.doctor import Check
+    from edgesmith.errors import EdgesmithError
+    from edgesmith.export.coreml_llama import COVERED
+
+    checks = []
+    if ref.kind == "gguf":
+        arch = GGUF_ARCHS.get(ref.architecture())
+        ok = arch is not None
+        detail = f"{ref.architecture()} -> {arch}" if ok else \
+            f"GGUF architecture {ref.architecture()} is not covered"
+    else:
+        try:
+            check_exportable(ref.path, context)
+            ok, detail = True, f"{ref.architecture()} traces with the Core ML decoder"
+        except EdgesmithError as exc:
+            ok, detail = False, exc.message
+    checks.append(Check("coreml", "architecture", "ok" if ok else "fail", detail,
+                        "" if ok else f"it exports {', '.join(COVERED)}; use --format gguf"))
+    try:
+        pkgio.require()
+        checks.append(Check("coreml", "coremltools", "ok", versions()))
+    except EdgesmithError as exc:
+        checks.append(Check("coreml", "coremltools", "fail", exc.message, exc.hint))
+    return checks
+
+
 def _against_transformers(module: Any, hf_dir: Path) -> dict[str, Any]:
     """Max |logit difference| of the module (stateless) vs transformers on 32 tokens."""
     import torch
