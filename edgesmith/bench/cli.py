@@ -60,7 +60,9 @@ def bench(
     as_json: bool = typer.Option(False, "--json", help="Print the results JSON on stdout."),
     runtime: str = typer.Option(None, "--runtime",
                                 help="browser: an ONNX model folder in onnxruntime-web inside "
-                                     "headless chromium (default: from the artifact's format)."),
+                                     "headless chromium; litert: a .tflite (or the Android "
+                                     "folder) in LiteRT's interpreter on this host's CPU "
+                                     "(default: from the artifact's format)."),
     browser_backend: str = typer.Option("wasm", "--browser-backend",
                                         help="With --runtime browser: webgpu or wasm."),
 ) -> None:
@@ -102,8 +104,14 @@ def bench(
                              "measure quality locally: quality does not depend on the device")
     if remote and not api_key_file:
         raise EdgesmithError("--remote needs --api-key-file", "pass the server's key file")
-    if runtime is not None and runtime != "browser":
-        raise EdgesmithError(f"unknown --runtime {runtime!r}", "use --runtime browser")
+    if runtime is None and (artifact.suffix in (".tflite", ".litertlm")
+                            or (artifact.is_dir() and (artifact / "model.tflite").is_file())):
+        runtime = "litert"  # a LiteRT artifact runs in LiteRT's interpreter
+    if runtime is not None and runtime not in ("browser", "litert"):
+        raise EdgesmithError(f"unknown --runtime {runtime!r}", "use --runtime browser or litert")
+    if runtime == "litert" and remote:
+        raise EdgesmithError("--runtime litert runs LiteRT's interpreter on this host, without "
+                             "--remote", "drop --remote (a phone runs the .litertlm in its app)")
     if runtime == "browser" and (remote or quality):
         raise EdgesmithError("--runtime browser runs in a local chromium, without --remote or "
                              "--quality", "measure quality with the onnxruntime runner")
@@ -116,6 +124,15 @@ def bench(
                                    gen_tokens=gen_tokens, repeat=repeat, warmup=warmup)
             result = bench_browser(artifact, spec, browser_backend, device=device,
                                    progress=progress, command=sys.argv)
+        elif runtime == "litert":  # host CPU figures, labelled so
+            from edgesmith.bench.runners import litert as litert_runner
+
+            n = threads or psutil.cpu_count(logical=False) or 1
+            spec = speed.SpeedSpec(threads=n, prompt_tokens=prompt_tokens,
+                                   gen_tokens=gen_tokens, repeat=repeat, warmup=warmup)
+            result = litert_runner.bench(artifact, spec, device=device, progress=progress,
+                                         command=sys.argv,
+                                         reference=reference if quality else None)
         elif remote:
             from edgesmith.bench.remote import bench_remote
             from edgesmith.device_server.cli import read_api_key

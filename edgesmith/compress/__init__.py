@@ -13,6 +13,7 @@ from edgesmith.compress.coreml_compress import CoreMLCompressPass
 from edgesmith.compress.distill import DistillPass
 from edgesmith.compress.gguf_quantize import GGUFQuantizePass
 from edgesmith.compress.gptq import GPTQPass
+from edgesmith.compress.litert_quantize import LiteRTQuantizePass
 from edgesmith.compress.merge_lora import MergeLoRAPass
 from edgesmith.compress.onnx_quantize import OnnxQuantizePass
 from edgesmith.compress.prune import PrunePass
@@ -25,5 +26,6 @@ PASSES: dict[str, Any] = {
     "gptq": GPTQPass,
     "gguf_quantize": GGUFQuantizePass,
     "onnx_quantize": OnnxQuantizePass,
+    "litert_quantize": LiteRTQuantizePass,
     "coreml_compress": CoreMLCompressPass,
 }

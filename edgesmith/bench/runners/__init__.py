@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from edgesmith.bench.runners.coreml import CoreMLRunner
+from edgesmith.bench.runners.litert import LiteRTRunner
 from edgesmith.bench.runners.llama_cpp import LlamaCppRunner
 from edgesmith.bench.runners.onnxruntime import OnnxRuntimeRunner
 from edgesmith.bench.runners.torch import TorchRunner
@@ -16,9 +17,11 @@ RUNNERS: dict[str, Any] = {
     "llama_cpp": LlamaCppRunner,
     "onnxruntime": OnnxRuntimeRunner,
     "torch": TorchRunner,
+    "litert": LiteRTRunner,
     "coreml": CoreMLRunner,
 }
-FORMAT_RUNNERS = {"gguf": "llama_cpp", "onnx": "onnxruntime", "hf": "torch", "coreml": "coreml"}
+FORMAT_RUNNERS = {"gguf": "llama_cpp", "onnx": "onnxruntime", "hf": "torch", "litert": "litert",
+                  "coreml": "coreml"}
 
 
 def for_format(fmt: str) -> Any:
@@ -29,6 +32,9 @@ def for_format(fmt: str) -> Any:
 
 def runner_for(path: Path) -> Any:
     path = Path(path)
+    if (path.is_file() and path.suffix in (".tflite", ".litertlm")) or \
+            (path.is_dir() and (path / "model.tflite").is_file()):
+        return RUNNERS["litert"]()
     if path.is_dir() and (path.suffix == ".mlpackage" or (path / "model.mlpackage").is_dir()):
         return RUNNERS["coreml"]()
     if path.is_file() and path.suffix == ".gguf":
@@ -38,4 +44,5 @@ def runner_for(path: Path) -> Any:
     if path.is_dir() and (path / "config.json").exists():
         return RUNNERS["torch"]()
     raise ModelError(f"no runner for {path}",
-                     "pass a .gguf file, an ONNX model folder or an HF model directory")
+                     "pass a .gguf file, an ONNX model folder, a LiteRT .tflite (or its folder) "
+                     "or an HF model directory")
