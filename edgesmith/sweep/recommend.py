@@ -5,7 +5,9 @@ Fit is ``targets fit``'s estimate on the artifact itself (its real tensor bytes,
 compute buffers at ``ctx``). Speed is the decode tokens/s measured on a device of that target
 (a ``--device`` whose NAME is the target's name) where there is one, else the target's
 roofline bound (memory bandwidth / bytes read per token) from the same estimate, marked as
-an estimate: on a memory-bound device it ranks variants the way measured speed does.
+an estimate: on a memory-bound device it ranks variants the way measured speed does. The two
+are never ranked together: once a device of the target measured a variant, the fastest is
+chosen among the measured ones.
 """
 
 from __future__ import annotations
@@ -76,8 +78,11 @@ def recommend(out_root: Path, results: list[dict[str, Any]], targets: list[str],
                 f"measured on {tname}" if tps is not None else "roofline estimate",
                 est.total_bytes / 1e6, est.usable_ram_bytes / 1e6))
         if rec.candidates:
+            # measured speeds and roofline bounds are not compared with each other: where a
+            # device of the target measured some variants, the fastest is among those
+            on_device = [c for c in rec.candidates if c.speed_source.startswith("measured")]
             # ties (same speed) go to the closer-to-reference variant
-            rec.fastest = max(rec.candidates, key=lambda c: (c.decode_tps, -c.kld))
+            rec.fastest = max(on_device or rec.candidates, key=lambda c: (c.decode_tps, -c.kld))
             rec.smallest = min(rec.candidates, key=lambda c: (c.size_mb, c.kld))
         recs.append(rec)
     return recs
