@@ -63,11 +63,16 @@ class LiteRTExportConfig(BaseModel):
 
 
 def _require() -> None:
+    """The extra's packages are there (found, not imported: TensorFlow takes seconds)."""
+    import importlib.util
+
     missing = []
-    for mod in ("litert_torch", "ai_edge_litert", "ai_edge_quantizer", "tensorflow"):
+    for mod in ("litert_torch", "ai_edge_litert", "ai_edge_quantizer", "tensorflow", "litert_lm"):
         try:
-            __import__(mod if mod != "tensorflow" else "tensorflow.lite")
-        except ImportError:
+            found = importlib.util.find_spec(mod) is not None
+        except (ImportError, ValueError):  # ValueError: a None entry in sys.modules
+            found = False
+        if not found:
             missing.append(mod)
     if missing:
         raise DependencyError(f"the LiteRT exporter needs {', '.join(missing)}", EXTRA_HINT)
@@ -126,20 +131,32 @@ def check_exportable(hf_dir: Path) -> None:
                          "export_hf supports default/linear/llama3 RoPE; try --format gguf")
 
 
-def doctor_check(ref: Any) -> tuple[str, str, str]:
-    """(status, detail, fix) for ``edgesmith doctor`` / compress's preflight: can export_hf
-    convert this model? (A GGUF input is dequantized to an HF directory first.)"""
+def doctor_checks(ref: Any) -> list[Any]:
+    """``edgesmith doctor``'s checks for the litert format (config only, seconds), which
+    compress's preflight runs: can export_hf convert this model, are its tools installed?
+    (A GGUF input is dequantized to an HF directory first.)"""
+    from edgesmith.doctor import Check
+
+    checks = []
     if ref.kind != "hf":
         arch = ref.architecture()
         ok = arch in ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "mistral", "phi3")
-        return ("ok" if ok else "warn",
-                f"{arch} GGUF: dequantized to transformers, then litert_torch export_hf",
-                "" if ok else "convert the HF model instead")
+        checks.append(Check("litert", "architecture", "ok" if ok else "warn",
+                            f"{arch} GGUF: dequantized to transformers, then export_hf",
+                            "" if ok else "convert the HF model instead"))
+    else:
+        try:
+            check_exportable(Path(ref.path))
+            checks.append(Check("litert", "architecture", "ok",
+                                f"{ref.architecture()}: litert_torch export_hf converts it"))
+        except ModelError as exc:
+            checks.append(Check("litert", "architecture", "fail", exc.message, exc.hint))
     try:
-        check_exportable(Path(ref.path))
-    except ModelError as exc:
-        return "fail", exc.message, exc.hint
-    return "ok", "litert_torch export_hf converts it (generic transformers route)", ""
+        _require()
+        checks.append(Check("litert", "exporter", "ok", versions()))
+    except DependencyError as exc:
+        checks.append(Check("litert", "exporter", "fail", exc.message, exc.hint))
+    return checks
 
 
 def copy_model_files(hf_dir: Path, dest: Path) -> None:
