@@ -11,9 +11,10 @@ which is used when torch sees a GPU.
 - Data: a text file, a JSONL file (one ``{"text": ...}`` per line), or ``builtin:calibration``
   (the recipe's calibration text). Lines of the bundled held-out text (on which the pipeline
   measures quality) are removed from it first, and the report says how many were.
-- Checkpoints (student, optimizer, step, loss curve) every ``checkpoint_every`` steps in the
-  run cache, keyed by the config and the student's starting weights: a killed run resumes at the
-  last checkpoint and ends with the weights an uninterrupted run would have.
+- Checkpoints (student, optimizer, step, loss curve) every ``checkpoint_minutes`` (or every
+  ``checkpoint_every`` steps, where set) in the run cache, keyed by the config and the
+  student's starting weights: a killed run resumes at the last checkpoint and
+  ends with the weights an uninterrupted run would have.
 - Progress: one step per optimizer step, with the loss and training tokens/s.
 """
 
@@ -51,7 +52,10 @@ class DistillConfig(BaseModel):
     gradient_checkpointing: bool = False
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    checkpoint_every: int = Field(50, ge=1)
+    # a killed run loses at most checkpoint_minutes of training (or checkpoint_every steps
+    # where set): a checkpoint (student + AdamW state) is 3x the model's fp32 size on disk
+    checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints")
+    checkpoint_minutes: float = Field(5.0, gt=0, description="minutes between checkpoints")
     log_every: int = Field(10, ge=1)
     seed: int = 0
 
@@ -216,6 +220,7 @@ class DistillPass:
         # the running sums stay on the device: reading a loss is a sync, done at log steps only
         zero = lambda: {k: torch.zeros((), device=device) for k in ("loss", "kl", "ce")}  # noqa: E731
         tokens, t_run, acc, n_acc = 0, time.perf_counter(), zero(), 0
+        t_saved = t_run
         amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
         for step in range(start, c.steps):
             g = torch.Generator().manual_seed(c.seed * 1_000_003 + step)
@@ -245,8 +250,11 @@ class DistillPass:
                 ctx.progress.update(task, description=(
                     f"distill: loss {curve[-1]['loss']:.3f}, {rate:,.0f} tokens/s"))
             ctx.progress.update(task, advance=1)
-            if done % c.checkpoint_every == 0 and done < c.steps:
+            due = (done % c.checkpoint_every == 0) if c.checkpoint_every else \
+                time.perf_counter() - t_saved >= 60 * c.checkpoint_minutes
+            if due and done < c.steps:
                 self._save(ckpt, model, opt, done, curve)
+                t_saved = time.perf_counter()
         if c.gradient_checkpointing:
             model.gradient_checkpointing_disable()
         model.eval().to("cpu")
