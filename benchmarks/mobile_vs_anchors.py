@@ -17,7 +17,7 @@ Core ML (iOS): ``--part coreml`` (or ``all``) runs benchmarks/_mobile_coreml.py'
 by the Core ML side, when that file exists.
 
 Usage: python benchmarks/mobile_vs_anchors.py [--part litert|coreml|all] [--model M]
-       [--windows 8] [--threads 2] [--recipes] [--json]
+       [--windows 8] [--threads 2] [--recipes] [--manifest out/android/manifest.json] [--json]
 Example: python benchmarks/mobile_vs_anchors.py --part litert --threads 2
 """
 
@@ -102,8 +102,31 @@ def litert_rows(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="mobile-bench-"))
     out: dict[str, Any] = {"model": args.model, "threads": args.threads, "rows": []}
 
-    # edgesmith: the compress run (its fp32 export cached, measured in its child when made)
-    man = _compress(args.model, work / "android")
+    # anchor: export_hf directly, its default recipe, same prefill/cache lengths
+    direct = work / "direct"
+    figures = run_export_hf(hf_dir, direct, cfg.prefill_length, cfg.cache_length,
+                            "dynamic_wi8_afp32", args.threads)
+    dq = direct / "model_quantized.tflite"
+    direct_row = {"row": "export_hf direct (default dynamic_wi8_afp32)",
+                  **_quality(dq, "litert", ref, args.threads),
+                  "tflite_mb": dq.stat().st_size / 1e6, "export_s": figures["export_s"],
+                  "peak_mb": figures["peak_rss_bytes"] / 1e6}
+    # anchor: GGUF Q8_0 in llama.cpp
+    q8 = pipeline.plain_gguf(args.model, "Q8_0", None)
+    q8_row = {"row": "GGUF Q8_0 (llama.cpp)", **_quality(q8, "gguf", ref, args.threads),
+              "tflite_mb": q8.stat().st_size / 1e6}
+
+    # edgesmith: the compress run (its fp32 export cached, measured in its child when made),
+    # or one already made (--manifest: e.g. the e2e's, waited for)
+    if args.manifest:
+        deadline = time.time() + 3600
+        while not Path(args.manifest).exists() and time.time() < deadline:
+            time.sleep(20)
+        man = json.loads(Path(args.manifest).read_text())
+        folder = Path(args.manifest).parent
+    else:
+        man = _compress(args.model, work / "android")
+        folder = work / "android"
     art = man["artifacts"][0]
     fp32_dir = LiteRTExporter(cfg).cache_path(cache, hf_dir, "fp32")
     fp32_meta = json.loads(fp32_dir.with_name(fp32_dir.name + ".json").read_text())
@@ -114,7 +137,7 @@ def litert_rows(args: argparse.Namespace) -> dict[str, Any]:
     ours = {"row": "edgesmith android-midrange (dynamic_wi8_afp32)",
             "kld": art["quality"]["kld_mean"], "top1": art["quality"]["top1_agreement"],
             "ppl_pct": art["quality"]["ppl_increase_pct"],
-            "tflite_mb": (work / "android" / "model.tflite").stat().st_size / 1e6,
+            "tflite_mb": (folder / "model.tflite").stat().st_size / 1e6,
             "export_s": fp32_meta["export_s"] + q_s,
             "peak_mb": max(fp32_meta["peak_rss_bytes"], q_peak) / 1e6,
             "chat": [c["passed"] for c in art.get("checks", [])]}
@@ -130,22 +153,8 @@ def litert_rows(args: argparse.Namespace) -> dict[str, Any]:
             out["rows"].append({"row": f"edgesmith {r}", **_quality(dest, "litert", ref,
                                                                      args.threads),
                                 "tflite_mb": dest.stat().st_size / 1e6})
-
-    # anchor: export_hf directly, its default recipe, same prefill/cache lengths
-    direct = work / "direct"
-    figures = run_export_hf(hf_dir, direct, cfg.prefill_length, cfg.cache_length,
-                            "dynamic_wi8_afp32", args.threads)
-    dq = direct / "model_quantized.tflite"
-    out["rows"].append({"row": "export_hf direct (default dynamic_wi8_afp32)",
-                        **_quality(dq, "litert", ref, args.threads),
-                        "tflite_mb": dq.stat().st_size / 1e6, "export_s": figures["export_s"],
-                        "peak_mb": figures["peak_rss_bytes"] / 1e6})
-    # anchor: GGUF Q8_0 in llama.cpp
-    q8 = pipeline.plain_gguf(args.model, "Q8_0", None)
-    out["rows"].append({"row": "GGUF Q8_0 (llama.cpp)", **_quality(q8, "gguf", ref,
-                                                                   args.threads),
-                        "tflite_mb": q8.stat().st_size / 1e6})
-    out["decode_tps"] = {"litert_int8": _decode_tps(work / "android", "litert", args.threads),
+    out["rows"] += [direct_row, q8_row]
+    out["decode_tps"] = {"litert_int8": _decode_tps(folder, "litert", args.threads),
                          "llama_cpp_q8_0": _decode_tps(q8, "gguf", args.threads)}
     return out
 
@@ -182,6 +191,8 @@ def main() -> None:
     ap.add_argument("--recipes", action="store_true",
                     help="also the other LiteRT recipes derived from the same export")
     ap.add_argument("--quick", action="store_true", help="(coreml part) fewer windows")
+    ap.add_argument("--manifest", help="LiteRT: a compress --target android-midrange run's "
+                    "manifest.json to use (waited for) instead of running compress")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     results: dict[str, Any] = {}
