@@ -26,7 +26,10 @@ from edgesmith.errors import EdgesmithError, ModelError
 QK_K = 256
 K_FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 # Formats an exporter exists for in this version; the others are reported, not guessed.
-EXPORTER_FORMATS = {"gguf", "onnx"}
+EXPORTER_FORMATS = {"gguf", "onnx", "litert", "coreml"}
+# formats whose exporter module has its own ``doctor_checks(ref)`` (imported when needed: the
+# module's heavy dependencies are not, it only says whether they are installed)
+FORMAT_CHECKS = {"litert": "edgesmith.export.litert", "coreml": "edgesmith.export.coreml"}
 STATUS_ORDER = {"fail": 0, "warn": 1, "ok": 2, "info": 3}
 
 
@@ -396,6 +399,11 @@ def run(spec: str, target_name: str | None = None, recipe: Any = None, ctx: int 
             rep.checks.extend(doctor_onnx.checks(ref, target, shapes if ref.kind == "hf"
                                                  else None))
             rep.checks.extend(_group_sizes(linears, groups))
+            continue
+        if fmt in FORMAT_CHECKS:
+            import importlib
+
+            rep.checks.extend(importlib.import_module(FORMAT_CHECKS[fmt]).doctor_checks(ref))
             continue
         if fmt not in EXPORTER_FORMATS:
             rep.checks.append(Check(fmt, "exporter", "fail",
