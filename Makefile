@@ -31,6 +31,9 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml Makefile
 	    -w $(WHEELS).tmp "llama-cpp-python==$(LLAMA_CPP_VERSION)" && mv $(WHEELS).tmp $(WHEELS); fi
 	$(BIN)/pip install -q --force-reinstall --no-deps $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
 	$(BIN)/pip install -q -e '.[all,dev]'
+	$(BIN)/pip install -q -e '.[litert]'
+	$(BIN)/pip install -q -e '.[coreml]'
+	$(BIN)/pip install -q -e '.[ray]'
 	touch $@
 
 install: $(VENV)/.installed
