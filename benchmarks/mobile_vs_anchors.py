@@ -88,6 +88,7 @@ def litert_rows(args: argparse.Namespace) -> dict[str, Any]:
     from edgesmith import models, pipeline
     from edgesmith.bench import quality
     from edgesmith.compress.litert_quantize import quantize_tflite
+    from edgesmith.context import make_progress
     from edgesmith.export.litert import LiteRTExporter, run_export_hf
     from edgesmith.fsutil import cache_root
     from edgesmith.recipe import for_target
@@ -103,16 +104,20 @@ def litert_rows(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"model": args.model, "threads": args.threads, "rows": []}
 
     # anchor: export_hf directly, its default recipe, same prefill/cache lengths
-    direct = work / "direct"
-    figures = run_export_hf(hf_dir, direct, cfg.prefill_length, cfg.cache_length,
-                            "dynamic_wi8_afp32", args.threads)
+    direct = Path(args.direct) if args.direct else work / "direct"
+    if not (direct / "figures.json").exists():  # --direct: a finished direct run, reused
+        figures = run_export_hf(hf_dir, direct, cfg.prefill_length, cfg.cache_length,
+                                "dynamic_wi8_afp32", args.threads)
+        (direct / "figures.json").write_text(json.dumps(figures))
+    figures = json.loads((direct / "figures.json").read_text())
     dq = direct / "model_quantized.tflite"
     direct_row = {"row": "export_hf direct (default dynamic_wi8_afp32)",
                   **_quality(dq, "litert", ref, args.threads),
                   "tflite_mb": dq.stat().st_size / 1e6, "export_s": figures["export_s"],
-                  "peak_mb": figures["peak_rss_bytes"] / 1e6}
+                  "peak_mb": figures["peak_rss_bytes"] / 1e6
+                  if figures.get("peak_rss_bytes") else None}
     # anchor: GGUF Q8_0 in llama.cpp
-    q8 = pipeline.plain_gguf(args.model, "Q8_0", None)
+    q8 = pipeline.plain_gguf(args.model, "Q8_0", make_progress(quiet=True))
     q8_row = {"row": "GGUF Q8_0 (llama.cpp)", **_quality(q8, "gguf", ref, args.threads),
               "tflite_mb": q8.stat().st_size / 1e6}
 
@@ -174,8 +179,10 @@ def report_litert(res: dict[str, Any]) -> None:
     q8 = rows["GGUF Q8_0 (llama.cpp)"]
     print(f"KLD vs GGUF Q8_0: {ours['kld'] / q8['kld']:.2f}x (target <= 1.5x)")
     print(f"KLD vs export_hf direct: {ours['kld'] / direct['kld']:.2f}x (target <= 1.0x)")
+    peak = f"{ours['peak_mb'] / direct['peak_mb']:.2f}x" if direct.get("peak_mb") else \
+        "not measured for the reused direct run"
     print(f"export time vs direct: {ours['export_s'] / direct['export_s']:.2f}x, peak memory "
-          f"{ours['peak_mb'] / direct['peak_mb']:.2f}x (targets <= 1.1x)")
+          f"{peak} (targets <= 1.1x)")
     d = res["decode_tps"]
     print(f"decode tok/s: LiteRT int8 {d['litert_int8']:.1f}, llama.cpp Q8_0 "
           f"{d['llama_cpp_q8_0']:.1f}: ratio {d['litert_int8'] / d['llama_cpp_q8_0']:.2f}")
@@ -191,6 +198,8 @@ def main() -> None:
     ap.add_argument("--recipes", action="store_true",
                     help="also the other LiteRT recipes derived from the same export")
     ap.add_argument("--quick", action="store_true", help="(coreml part) fewer windows")
+    ap.add_argument("--direct", help="LiteRT: a folder of a finished direct export_hf run "
+                    "(with figures.json) to reuse instead of exporting again")
     ap.add_argument("--manifest", help="LiteRT: a compress --target android-midrange run's "
                     "manifest.json to use (waited for) instead of running compress")
     ap.add_argument("--json", action="store_true")

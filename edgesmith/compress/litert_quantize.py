@@ -50,10 +50,15 @@ def quantize_tflite(src: Path, dest: Path, recipe: str) -> float:
     except ImportError as exc:
         raise DependencyError(f"the LiteRT quantizer is not installed ({exc})",
                               "pip install 'edgesmith[litert]'") from exc
+    import contextlib
+    import sys
+
     t0 = time.perf_counter()
-    qt = quantizer_lib.Quantizer(str(src))
-    qt.load_quantization_recipe(getattr(recipe_lib, recipe)())
-    qt.quantize().export_model(str(dest), overwrite=True)
+    # the quantizer prints its summary to stdout, which is compress --json's: to stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        qt = quantizer_lib.Quantizer(str(src))
+        qt.load_quantization_recipe(getattr(recipe_lib, recipe)())
+        qt.quantize().export_model(str(dest), overwrite=True)
     return time.perf_counter() - t0
 
 
