@@ -106,8 +106,9 @@ def _steps(quant: str, method: str, overrides: dict[str, str]) -> list[dict[str,
 
 def variant_name(quant: str, method: str, overrides: dict[str, str] | None = None) -> str:
     base = {"plain": quant, "imatrix": f"{quant}-imatrix"}.get(method, f"{method}-{quant}")
-    if overrides:
-        base += "+" + "+".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+    if overrides:  # a pattern's plain name: "[.]attn_v[.]" -> attn_v
+        base += "+" + "+".join(f"{re.sub(r'[^A-Za-z0-9_]', '', k)}={v}"
+                               for k, v in sorted(overrides.items()))
     return _NAME.sub("_", base)
 
 
