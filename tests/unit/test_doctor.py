@@ -62,10 +62,11 @@ def test_a_context_that_does_not_fit_fails(tiny_llama: Path) -> None:
     assert fit.status == "fail" and "ctx 2000000" in fit.detail
 
 
-def test_a_format_without_an_exporter_is_named(tiny_llama: Path) -> None:
-    rep = doctor.run(str(tiny_llama), target_name="iphone-15")
-    assert [c.section for c in rep.failures] == ["mlpackage"]
-    assert "no mlpackage exporter" in rep.failures[0].detail
+def test_the_phone_targets_run_their_exporters_checks(tiny_llama: Path) -> None:
+    for target, fmt in (("iphone-15", "coreml"), ("android-midrange", "litert")):
+        rep = doctor.run(str(tiny_llama), target_name=target)
+        assert rep.failures == []
+        assert _by_name(rep)[f"{fmt}:architecture"].status == "ok"
 
 
 def test_the_browser_target_checks_the_onnx_exporter_and_the_browser_fit(tiny_llama: Path) -> None:
@@ -118,8 +119,8 @@ def test_cli_doctor_json_and_exit_codes(tiny_llama: Path, tmp_path: Path) -> Non
     assert rep["ok"] is True and rep["recipe"] == "raspberry-pi-5-q4km"
     assert {c["name"] for c in rep["checks"]} >= {"converter", "pre-tokenizer", "fits RAM"}
     table = _cli("doctor", str(tiny_llama), "--target", "iphone-15")
-    assert table.returncode == 2 and "no mlpackage exporter" in table.stderr
-    assert "format gguf" in table.stderr and "format mlpackage" in table.stderr
+    assert table.returncode == 0, table.stderr
+    assert "format gguf" in table.stderr and "format coreml" in table.stderr
     web = _cli("doctor", str(tiny_llama), "--target", "webgpu-browser")
     assert web.returncode == 0 and "format onnx" in web.stderr
     assert "format gguf" not in web.stderr
