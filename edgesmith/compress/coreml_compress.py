@@ -107,7 +107,7 @@ def compress(base: Artifact, dest: Path, config: CoreMLCompressConfig,
     t0 = time.perf_counter()
     src = Path(base.path)
     pkg = pkgio.package_path(src)
-    _spec, prog = pkgio.load_program(pkg)
+    prog = pkgio.load_weights_program(pkg)
     cfg = json.loads((src / "config.json").read_text())
     task = ctx.task(f"Core ML {config.mode}: compress weights", total=2)
     # which const holds which HF weight (the export names them after the parameters)

@@ -44,8 +44,11 @@ class CoreMLSession:
         self.package = pkgio.package_path(artifact)
         folder = pkgio.model_folder(artifact)
         self.config: dict[str, Any] = json.loads((folder / "config.json").read_text())
-        spec, prog = pkgio.load_program(self.package)
+        ct = pkgio.require()
+        with pkgio.quiet():
+            spec = ct.models.MLModel(str(self.package), skip_model_load=True).get_spec()
         self.description = pkgio.describe(spec)
+        prog = pkgio.load_weights_program(self.package)  # the export checked the whole program
         self.module = CoreMLLlama(spec_of(self.config), n_ctx, False)
         names = [n for n, _ in self.module.named_parameters()]
         got, self.storage = pkgio.weights(prog, names)
