@@ -133,11 +133,12 @@ def _generation(side: dict[str, Path]) -> dict[str, Any]:
 
 def _memory(fmt: str, model_bytes: int, config: dict[str, Any], ctx: int) -> dict[str, Any]:
     """RAM the model needs at ``ctx`` tokens: weights (mapped) + KV cache + runtime."""
-    layers = int(config.get("num_hidden_layers", 0))
-    heads = int(config.get("num_attention_heads", 1))
-    kv_heads = int(config.get("num_key_value_heads", heads))
-    head_dim = int(config.get("head_dim") or config.get("hidden_size", 0) // max(heads, 1))
-    kv = 2 * layers * kv_heads * head_dim * ctx * KV_BYTES.get(fmt, 2)
+    from edgesmith.targets.fit import config_attention, kv_bytes_per_token
+
+    kv = 0  # no config.json found: the weights and the runtime only
+    if config:
+        layers, _, kv_heads, head_dim = config_attention(config)
+        kv = kv_bytes_per_token(layers, kv_heads, head_dim, KV_BYTES.get(fmt, 2)) * ctx
     return {"ctx": ctx, "weights_bytes": model_bytes, "kv_cache_bytes": kv,
             "runtime_bytes": int(RUNTIME_BASE_BYTES),
             "total_bytes": int(model_bytes + kv + RUNTIME_BASE_BYTES),

@@ -67,6 +67,18 @@ class FitReport:
         return asdict(self)
 
 
+def kv_bytes_per_token(n_layer: int, n_kv_head: int, head_dim: int, elem_bytes: int = 2) -> int:
+    """K and V of every layer for one token (f16 elements unless told otherwise)."""
+    return 2 * n_layer * n_kv_head * head_dim * elem_bytes
+
+
+def config_attention(cfg: dict[str, Any]) -> tuple[int, int, int, int]:
+    """(layers, query heads, KV heads, head dim) from an HF config.json."""
+    n_head = cfg["num_attention_heads"]
+    return (cfg["num_hidden_layers"], n_head, cfg.get("num_key_value_heads", n_head),
+            cfg.get("head_dim") or cfg["hidden_size"] // n_head)
+
+
 def _hf_shape(path: Path) -> Shape:
     cfg = json.loads((path / "config.json").read_text())
     n_params = embd = 0
@@ -83,10 +95,8 @@ def _hf_shape(path: Path) -> Shape:
             n_params += count
             if "embed_tokens" in name:
                 embd += count
-    n_head = cfg["num_attention_heads"]
-    return Shape(cfg["num_hidden_layers"], cfg["hidden_size"], n_head,
-                 cfg.get("num_key_value_heads", n_head),
-                 cfg.get("head_dim") or cfg["hidden_size"] // n_head, cfg["vocab_size"],
+    n_layer, n_head, n_kv, head_dim = config_attention(cfg)
+    return Shape(n_layer, cfg["hidden_size"], n_head, n_kv, head_dim, cfg["vocab_size"],
                  n_params, embd, bool(cfg.get("tie_word_embeddings", False)),
                  cfg.get("max_position_embeddings"))
 
@@ -124,7 +134,7 @@ def estimate(ref: ModelRef, target: Target, ctx: int, quant: str | None = None) 
         bpw = BITS_PER_WEIGHT[quant]
         weights = shape.n_params * bpw / 8
         read = weights - (0.0 if shape.tied else shape.embd_params * bpw / 8)
-    kv_per_token = 2 * shape.n_layer * shape.n_kv_head * shape.head_dim * 2  # K and V, f16
+    kv_per_token = kv_bytes_per_token(shape.n_layer, shape.n_kv_head, shape.head_dim)
     kv = kv_per_token * ctx
     compute = lambda c: UBATCH * (4 * shape.n_embd + shape.n_vocab) * 4 \
         + UBATCH * c * shape.n_head * 4  # noqa: E731
