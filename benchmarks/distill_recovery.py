@@ -38,6 +38,9 @@ from edgesmith.compress.imatrix import CalibrationConfig
 from edgesmith.compress.prune import PruneConfig, PrunePass
 from edgesmith.context import RunContext, make_progress
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prune_distill import add_prune_distill_args
+
 
 def _ppl(model: Any, tok: Any, ref: quality.Reference, tmp: Path, name: str) -> dict[str, Any]:
     d = tmp / name
@@ -86,18 +89,7 @@ def _trainer_tokens_per_s(student: Any, teacher: Any, data: torch.Tensor, c: Dis
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="builtin:smollm2-135m")
-    ap.add_argument("--ffn-keep", type=float, default=0.75)
-    ap.add_argument("--drop-layers", type=int, default=3)
-    ap.add_argument("--multiple-of", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--temperature", type=float, default=2.0)
-    ap.add_argument("--alpha", type=float, default=0.5)
-    ap.add_argument("--samples", type=int, default=32, help="calibration chunks of 256 tokens")
-    ap.add_argument("--windows", type=int, default=8, help="held-out windows of 512 tokens")
+    add_prune_distill_args(ap, steps_flag="--steps")
     ap.add_argument("--data", default="builtin:calibration",
                     help="distillation text (file, JSONL or builtin:calibration)")
     ap.add_argument("--trainer-steps", type=int, default=30)
@@ -120,7 +112,7 @@ def main() -> None:
     n_after = sum(p.numel() for p in pruned.parameters())
     q_pruned = _ppl(pruned, tok, ref, tmp, "pruned")
     student_for_trainer = copy.deepcopy(pruned)
-    dcfg = DistillConfig(teacher="original", steps=a.steps, batch_size=a.batch_size,
+    dcfg = DistillConfig(teacher="original", steps=a.distill_steps, batch_size=a.batch_size,
                          seq_len=a.seq_len, lr=a.lr, temperature=a.temperature, alpha=a.alpha,
                          data=a.data)
     distilled = DistillPass(dcfg).run(pruned, ctx)

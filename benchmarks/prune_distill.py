@@ -54,14 +54,15 @@ def _cli(*args: str) -> dict[str, Any]:
     return json.loads(p.stdout)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_prune_distill_args(ap: argparse.ArgumentParser,
+                           steps_flag: str = "--distill-steps") -> None:
+    """The model, prune, distill, calibration and eval options (dest ``distill_steps`` for the
+    steps), shared with distill_recovery.py so both measure the same settings."""
     ap.add_argument("--model", default="builtin:smollm2-135m")
     ap.add_argument("--ffn-keep", type=float, default=0.75)
     ap.add_argument("--drop-layers", type=int, default=3)
     ap.add_argument("--multiple-of", type=int, default=128)
-    ap.add_argument("--distill-steps", type=int, default=300)
+    ap.add_argument(steps_flag, dest="distill_steps", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=2e-4)
@@ -69,6 +70,12 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--samples", type=int, default=32, help="calibration chunks of 256 tokens")
     ap.add_argument("--windows", type=int, default=8, help="held-out windows of 512 tokens")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_prune_distill_args(ap)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=5, help="edgesmith bench repeats")
     ap.add_argument("--out", type=Path, default=Path.home() / ".cache/edgesmith/bench/prune")
