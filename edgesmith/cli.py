@@ -389,13 +389,14 @@ def _register_subcommands() -> None:
     from edgesmith.bench.cli import register as register_bench
     from edgesmith.device_server.cli import register as register_server
     from edgesmith.export.bundle_cli import register as register_bundle
+    from edgesmith.sweep.cli import register as register_sweep
     from edgesmith.web.serve import register as register_web
 
     register_bench(app)
     register_server(app)
     register_web(app)
     register_bundle(app)
-    __import__("edgesmith.sweep.cli").sweep.cli.register(app)  # `edgesmith sweep`
+    register_sweep(app)
 
 
 _register_subcommands()
