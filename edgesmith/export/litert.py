@@ -18,7 +18,8 @@ The folder: ``model.tflite``, ``model.litertlm`` (the model, the HF tokenizer an
 metadata LiteRT-LM needs: export/litertlm.py, with its start-token and chat-template fixes),
 ``tokenizer.json``, ``tokenizer_config.json`` (and the tokenizer's other files), ``config.json``,
 ``generation_config.json``. Every ``.litertlm`` is checked in LiteRT-LM's own runtime (a greedy
-chat answer against transformers'); the result is ``meta["checks"]``, copied into the manifest.
+chat answer against the same .tflite's in LiteRT's interpreter); the result is
+``meta["checks"]``, copied into the manifest.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class LiteRTExportConfig(BaseModel):
     # the KV cache every signature carries (the context a phone app gets); the decode cost
     # grows with it (attention runs over the whole static cache)
     cache_length: int = Field(1024, ge=64, le=32768)
-    # run the .litertlm in LiteRT-LM and compare a greedy chat answer with transformers'
+    # run the .litertlm in LiteRT-LM and compare a greedy chat answer with the interpreter's
     chat_check: bool = True
 
 
@@ -249,7 +250,8 @@ def finish(folder: Path, hf_dir: Path, cfg: LiteRTExportConfig, ctx: RunContext)
     task = ctx.task("package .litertlm and check a chat answer in LiteRT-LM", total=None)
     litertlm.package(folder / "model.tflite", hf_dir, folder / "model.litertlm",
                      cfg.cache_length)
-    checks = [litertlm.chat_check(folder / "model.litertlm", hf_dir)] if cfg.chat_check else []
+    checks = ([litertlm.chat_check(folder / "model.litertlm", hf_dir, folder / "model.tflite")]
+              if cfg.chat_check else [])
     ctx.progress.update(task, total=1, completed=1)
     for c in checks:
         if not c["passed"]:
@@ -280,8 +282,12 @@ class LiteRTExporter:
     def cache_path(self, cache_dir: Path, hf_dir: Path, kind: str) -> Path:
         """Where an export of ``hf_dir`` is cached: keyed by the tools, prefill and cache
         lengths (shared by ``compress`` and ``export``)."""
+        from edgesmith.export import litertlm
+
         c = self.config
-        tag = hashlib.sha256(f"{versions()}|{c.chat_check}".encode()).hexdigest()[:12]
+        # CHECK_VERSION: a cached export carries its chat check, so a changed check re-runs it
+        tag = hashlib.sha256(f"{versions()}|{c.chat_check}|{litertlm.CHECK_VERSION}".encode()
+                             ).hexdigest()[:12]
         return Path(cache_dir) / (f"litert-{kind}.{Path(hf_dir).name}.p{c.prefill_length}"
                                   f".c{c.cache_length}.{tag}")
 

@@ -119,6 +119,8 @@ def test_folder_layout_and_litertlm_chat_in_litert_lm(exported: Artifact,
     # a random model's greedy answer is gibberish, but the same gibberish in both runtimes:
     # a doubled start token or a wrong template changes it
     assert check["name"] == "litert-lm chat" and check["passed"], check["detail"]
+    # and the fp32 export answers what transformers answers
+    assert check["matches_transformers"], check["detail"]
 
 
 def test_chat_check_catches_a_doubled_start_token(exported: Artifact, tiny_chat: Path,
@@ -129,7 +131,7 @@ def test_chat_check_catches_a_doubled_start_token(exported: Artifact, tiny_chat:
     monkeypatch.setattr(litertlm, "adds_bos", lambda tok: True)
     bad = tmp_path / "bad.litertlm"
     litertlm.package(exported.path / "model.tflite", tiny_chat, bad, CACHE)
-    check = litertlm.chat_check(bad, tiny_chat)
+    check = litertlm.chat_check(bad, tiny_chat, exported.path / "model.tflite")
     assert not check["passed"], check["detail"]
 
 
