@@ -90,6 +90,21 @@ def run_watched(cmd: Sequence[str], env: dict[str, str] | None = None,
     return subprocess.CompletedProcess(list(cmd), rc, stdout, stderr)
 
 
+# A CI log shows only its tail: a phase over SLOW_S seconds is written straight to the terminal
+# (past pytest's capture) with the time since the session started, so a run stopped by its time
+# limit still says where the time went.
+SLOW_S = float(os.environ.get("EDGESMITH_TEST_SLOW_S", 30))
+_T0 = time.monotonic()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.duration >= SLOW_S:
+        import sys
+
+        print(f"\n[{(time.monotonic() - _T0) / 60:5.1f} min] {report.duration:6.1f} s "
+              f"{report.when:8s} {report.nodeid}", file=sys.__stderr__, flush=True)
+
+
 @pytest.fixture(scope="session")
 def watched():  # type: ignore[no-untyped-def]
     """run_watched, for test modules (they do not import conftest)."""
