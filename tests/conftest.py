@@ -105,6 +105,30 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
               f"{report.when:8s} {report.nodeid}", file=sys.__stderr__, flush=True)
 
 
+# CI installs every extra: there a test module skipped for a missing import is a broken install,
+# so with EDGESMITH_REQUIRE_EXTRAS=1 (.ci/run sets it) that skip is a failure.
+REQUIRE_EXTRAS = os.environ.get("EDGESMITH_REQUIRE_EXTRAS") == "1"
+
+
+def _missing_import(rep: pytest.CollectReport | pytest.TestReport) -> None:
+    if REQUIRE_EXTRAS and rep.skipped and "could not import" in str(rep.longrepr):
+        msg = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        rep.outcome = "failed"
+        rep.longrepr = f"EDGESMITH_REQUIRE_EXTRAS=1 and {msg}: run `make install`"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):  # type: ignore[no-untyped-def]
+    outcome = yield
+    _missing_import(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type: ignore[no-untyped-def]
+    outcome = yield
+    _missing_import(outcome.get_result())
+
+
 @pytest.fixture(scope="session")
 def watched():  # type: ignore[no-untyped-def]
     """run_watched, for test modules (they do not import conftest)."""
