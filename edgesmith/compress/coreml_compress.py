@@ -26,6 +26,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from edgesmith.compress.format_pass import FormatPass
 from edgesmith.context import Artifact, RunContext
 from edgesmith.export import coreml_package as pkgio
 from edgesmith.fsutil import atomic_dir
@@ -201,24 +202,13 @@ def compress(base: Artifact, dest: Path, config: CoreMLCompressConfig,
         "quantize_s": round(time.perf_counter() - t0, 2)})
 
 
-class CoreMLCompressPass:
-    """Format-side Pass plug point: ``run(artifact, ctx) -> Artifact`` (a model folder)."""
+class CoreMLCompressPass(FormatPass):
+    """Format-side Pass plug point: ``run(artifact, ctx) -> Artifact``."""
 
     name = "coreml_compress"
     Config = CoreMLCompressConfig
-    kind = "format"
     formats = ("coreml",)
-
-    def __init__(self, config: CoreMLCompressConfig | None = None) -> None:
-        self.config = config or CoreMLCompressConfig()
-
-    def artifact_type(self) -> str:
-        return self.config.mode
-
-    def cache_name(self, key: str) -> str:
-        return f"coreml-{self.config.mode}.{key}"
+    type_field = "mode"
 
     def run(self, artifact: Artifact, ctx: RunContext) -> Artifact:
-        dest = Path(ctx.extras.get("dest") or artifact.path.with_name(
-            f"{artifact.path.name}-{self.config.mode}"))
-        return compress(artifact, dest, self.config, ctx)
+        return compress(artifact, self.dest(artifact, ctx), self.config, ctx)

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, field_validator, model_serializer
 
+from edgesmith.compress.format_pass import FormatPass
 from edgesmith.compress.imatrix import IMatrix
 from edgesmith.context import Artifact, RunContext
 from edgesmith.errors import ToolError, require
@@ -204,19 +205,13 @@ def quantize(src: Path, dest: Path, qtype: str, imx: IMatrix | None, ctx: RunCon
     return out
 
 
-class GGUFQuantizePass:
+class GGUFQuantizePass(FormatPass):
     """Format-side Pass plug point: ``run(artifact, ctx) -> Artifact``."""
 
     name = "gguf_quantize"
     Config = GGUFQuantizeConfig
-    kind = "format"
     formats = ("gguf",)
-
-    def __init__(self, config: GGUFQuantizeConfig | None = None) -> None:
-        self.config = config or GGUFQuantizeConfig()
-
-    def artifact_type(self) -> str:
-        return self.config.type
+    type_field = "type"
 
     def cache_name(self, key: str) -> str:
         return f"{self.config.type}.{key}.gguf"
@@ -224,8 +219,8 @@ class GGUFQuantizePass:
     def run(self, artifact: Artifact, ctx: RunContext) -> Artifact:
         qtype = self.config.type
         imx = ctx.extras.get("imatrix") if self.config.imatrix else None
-        dest = ctx.extras.get("dest") or artifact.path.with_name(f"model.{qtype}.gguf")
-        info = quantize(artifact.path, Path(dest), qtype, imx, ctx,
+        dest = self.dest(artifact, ctx, f"model.{qtype}.gguf")
+        info = quantize(artifact.path, dest, qtype, imx, ctx,
                         keep_tensors=artifact.meta.get("written") or None,
                         type_overrides=dict(self.config.tensor_types) or None)
         return Artifact(Path(dest), "gguf", {"type": qtype, "imatrix": imx is not None, **info})

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from edgesmith.compress.format_pass import FormatPass
 from edgesmith.context import Artifact, RunContext
 from edgesmith.errors import DependencyError, ModelError
 from edgesmith.fsutil import atomic_dir
@@ -95,24 +96,14 @@ def quantize(src: Artifact, dest: Path, recipe: str, ctx: RunContext, hf_dir: Pa
     return Artifact(Path(dest), "litert", out)
 
 
-class LiteRTQuantizePass:
-    """Format-side Pass plug point: ``run(artifact, ctx) -> Artifact`` (a model folder)."""
+class LiteRTQuantizePass(FormatPass):
+    """Format-side Pass plug point: ``run(artifact, ctx) -> Artifact``."""
 
     name = "litert_quantize"
     Config = LiteRTQuantizeConfig
-    kind = "format"
     formats = ("litert",)
-
-    def __init__(self, config: LiteRTQuantizeConfig | None = None) -> None:
-        self.config = config or LiteRTQuantizeConfig()
-
-    def artifact_type(self) -> str:
-        return self.config.recipe
-
-    def cache_name(self, key: str) -> str:
-        return f"litert-{self.config.recipe}.{key}"
+    type_field = "recipe"
 
     def run(self, artifact: Artifact, ctx: RunContext) -> Artifact:
-        dest = Path(ctx.extras.get("dest") or artifact.path.with_name(
-            f"{artifact.path.name}-{self.config.recipe}"))
-        return quantize(artifact, dest, self.config.recipe, ctx, chat=self.config.chat_check)
+        return quantize(artifact, self.dest(artifact, ctx), self.config.recipe, ctx,
+                        chat=self.config.chat_check)

@@ -7,11 +7,11 @@ where the recipe ran those passes, and round-to-nearest for the rest.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from edgesmith.compress.format_pass import FormatPass
 from edgesmith.context import Artifact, RunContext
 
 
@@ -29,28 +29,18 @@ class OnnxQuantizeConfig(BaseModel):
     int8_layers: list[str] = []
 
 
-class OnnxQuantizePass:
-    """Format-side Pass plug point: ``run(artifact, ctx) -> Artifact`` (a model folder)."""
+class OnnxQuantizePass(FormatPass):
+    """Format-side Pass plug point: ``run(artifact, ctx) -> Artifact``."""
 
     name = "onnx_quantize"
     Config = OnnxQuantizeConfig
-    kind = "format"
     formats = ("onnx",)
-
-    def __init__(self, config: OnnxQuantizeConfig | None = None) -> None:
-        self.config = config or OnnxQuantizeConfig()
-
-    def artifact_type(self) -> str:
-        return self.config.dtype
-
-    def cache_name(self, key: str) -> str:
-        return f"onnx-{self.config.dtype}.{key}"
+    type_field = "dtype"
 
     def run(self, artifact: Artifact, ctx: RunContext) -> Artifact:
         from edgesmith.export import onnx_quant
 
-        dest = Path(ctx.extras.get("dest") or artifact.path.with_name(
-            f"{artifact.path.name}-{self.config.dtype}"))
+        dest = self.dest(artifact, ctx)
         c = self.config
         return onnx_quant.quantize(artifact, dest, onnx_quant.QuantOptions(
             block_size=c.block_size, embedding=c.embedding, head=c.head, dtype=c.dtype,
