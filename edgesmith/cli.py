@@ -44,6 +44,9 @@ def _emit(data: Any, as_json: bool) -> bool:
     return as_json
 
 
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
@@ -54,6 +57,11 @@ def _root(
         raise typer.Exit()
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not debug:
+        # import-time noise of optional libraries (torchao's missing CUDA kernels, torch's
+        # pytree deprecations), not about the user's run
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _input_model(spec: str, allow_pickle: bool, loads: bool) -> Any:
