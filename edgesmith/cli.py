@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,8 @@ def _emit(data: Any, as_json: bool) -> bool:
 
 
 QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+# TensorFlow's C++ start-up lines (coremltools and litert-torch import it)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 @app.callback()

@@ -305,9 +305,14 @@ def _warnings(export: Artifact, final: Artifact) -> list[str]:
 
 
 def _sparsity_warnings(recipe: Recipe, artifact: Artifact, size: int) -> list[str]:
-    """A prune step that only zeroes weights, before a format that stores every zero."""
-    if artifact.format not in ("gguf", "onnx") or not any(
-            s.name == "prune" and s.config.method != "structured" for s in recipe.steps):
+    """A prune step that only zeroes weights, before a format that stores every zero (Core ML
+    stores them as a mask in coreml_compress's sparse modes)."""
+    from edgesmith.compress.coreml_compress import SPARSE
+
+    dense = artifact.format in ("gguf", "onnx", "litert") or (
+        artifact.format == "coreml" and artifact.meta.get("type") not in SPARSE)
+    if not dense or not any(s.name == "prune" and s.config.method != "structured"
+                            for s in recipe.steps):
         return []
     from edgesmith.compress.prune import SPARSITY_WARNING
 

@@ -6,7 +6,13 @@ Modes (``coremltools.optimize.coreml``, iOS 18 ops):
 - ``int4``: linear int4 per block of ``block_size`` input columns (asymmetric, int4 offsets);
   the embedding (and a head tied to it) int8 per channel unless ``embedding: int4``;
 - ``palettize4``: 4-bit k-means look-up tables per group of 16 output channels
-  (``constexpr_lut_to_dense``; the Neural Engine's preferred form; needs scikit-learn, slow).
+  (``constexpr_lut_to_dense``; the Neural Engine's preferred form; needs scikit-learn, slow);
+- ``sparse``: the zeros an unstructured ``prune`` step left stored as a bit mask and the other
+  values as fp16 (``constexpr_sparse_to_dense``: 16 x (1 - s) + 1 bits a weight at sparsity s,
+  lossless); ``sparse_int8``: the same mask with the non-zero values int8 per channel (joint
+  compression, 8 x (1 - s) + 1 bits). A weight with under ``min_sparsity`` zeros stays dense
+  (fp16, or int8 for ``sparse_int8``). This is where unstructured sparsity pays: GGUF and ONNX
+  store every zero.
 
 When the recipe ran GPTQ/AWQ, the checkpoint's own integer codes, zero points and fp16 scales
 are written as ``constexpr_blockwise_shift_scale`` constants (uint codes, uint offsets): the
@@ -24,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from edgesmith.compress.format_pass import FormatPass
 from edgesmith.context import Artifact, RunContext
@@ -34,19 +40,25 @@ from edgesmith.fsutil import atomic_dir
 
 class CoreMLCompressConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    mode: Literal["int8", "int4", "palettize4"] = "int8"
+    mode: Literal["int8", "int4", "palettize4", "sparse", "sparse_int8"] = "int8"
     block_size: Literal[16, 32, 64, 128] = 32
     # the embedding (and a tied head): int8 per channel keeps a small model usable
     embedding: Literal["int8", "int4", "fp16"] = "int8"
+    # sparse modes: a weight with a smaller fraction of exact zeros is stored dense
+    min_sparsity: float = Field(0.2, ge=0.0, lt=1.0)
 
 
 LABELS = {"int8": "int8-per-channel", "int4": "int4-b{b}", "palettize4": "lut4-g16",
-          "fp16": "fp16"}
+          "fp16": "fp16", "sparse": "sparse-fp16", "sparse_int8": "sparse-int8"}
+SPARSE = ("sparse", "sparse_int8")
 
 
 def _op_config(mode: str, block_size: int) -> Any:
     import coremltools.optimize.coreml as cto
 
+    if mode in SPARSE:  # the zeros already there (a prune step made them), nothing new
+        return cto.OpThresholdPrunerConfig(threshold=1e-30, minimum_sparsity_percentile=0.0,
+                                           weight_threshold=pkgio.MIN_WEIGHT)
     if mode == "int8":
         return cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8",
                                            granularity="per_channel")
@@ -90,6 +102,22 @@ def _reason(q: Any, cols: int) -> str | None:
     if cols % q.group_size:
         return f"group size {q.group_size} does not divide {cols} columns"
     return None
+
+
+def _sparse_check(pkg: Path, names: list[str], consts: dict[str, Any]) -> dict[str, Any]:
+    """Every weight chosen for sparse storage is a ``constexpr_sparse_to_dense`` whose zeros
+    are exactly the exported weight's zeros."""
+    _spec, prog = pkgio.load_program(pkg)
+    got, kinds = pkgio.weights(prog, names)
+    bad = [n for n in names if kinds.get(n) != "constexpr_sparse_to_dense"
+           or not np.array_equal(got[n] == 0, consts[n].outputs[0].val == 0)]
+    zeros = [float(np.mean(consts[n].outputs[0].val == 0)) for n in names]
+    return {"name": "pruned zeros stored as a sparse mask, read back in place",
+            "passed": bool(names) and not bad,
+            "detail": (f"{len(names)} weights sparse, mean sparsity "
+                       f"{np.mean(zeros):.1%}" if names else "no weight reached min_sparsity: "
+                       "run an unstructured prune step first")
+                      + (f"; wrong: {bad[:3]}" if bad else "")}
 
 
 def compress(base: Artifact, dest: Path, config: CoreMLCompressConfig,
@@ -138,7 +166,11 @@ def compress(base: Artifact, dest: Path, config: CoreMLCompressConfig,
         gptq[consts[weight].name] = q
         written.append(hf)
     emb = "model.embed_tokens.weight"
+    sparse = config.mode in SPARSE
     op_cfg = _op_config(config.mode, config.block_size)
+    # a sparse mode's dense weights: fp16, or int8 for sparse_int8
+    dense_mode = "int8" if config.mode == "sparse_int8" else "fp16"
+    dense_cfg = _op_config("int8", config.block_size) if dense_mode == "int8" else None
     emb_cfg = None if config.embedding == "fp16" else op_cfg if config.embedding == \
         config.mode else _op_config(config.embedding, config.block_size)
     by_name: dict[str, Any] = {}
@@ -149,29 +181,45 @@ def compress(base: Artifact, dest: Path, config: CoreMLCompressConfig,
             tensors.append({"name": hf, "type": f"uint{q.bits}-b{q.group_size}",
                             "from": "gptq codes"})
             continue
-        if op.outputs[0].val is None or op.outputs[0].val.size < pkgio.MIN_WEIGHT:
+        val = op.outputs[0].val
+        if val is None or val.size < pkgio.MIN_WEIGHT:
             continue
-        chosen = emb_cfg if hf == emb else op_cfg
+        row: dict[str, Any] = {"name": hf}
+        if hf == emb:
+            chosen, mode = emb_cfg, "fp16" if emb_cfg is None else config.embedding
+        elif sparse:
+            row["sparsity"] = round(float(np.mean(val == 0)), 4)
+            chosen, mode = (op_cfg, config.mode) if row["sparsity"] >= config.min_sparsity \
+                else (dense_cfg, dense_mode)
+        else:
+            chosen, mode = op_cfg, config.mode
         by_name[op.name] = chosen
-        mode = "fp16" if chosen is None else config.mode if chosen is op_cfg else \
-            config.embedding
-        tensors.append({"name": hf, "type": LABELS[mode].format(b=config.block_size),
+        tensors.append({**row, "type": LABELS[mode].format(b=config.block_size),
                         "from": "rtn" if mode.startswith("int") else mode})
     ctx.progress.advance(task)
     passes: list[Any] = []
     if gptq:
         passes.append(_gptq_pass(gptq))
-    lin = {k: v for k, v in by_name.items() if v is not None and
-           isinstance(v, cto.OpLinearQuantizerConfig)}
-    pal = {k: v for k, v in by_name.items() if v is not None and
-           isinstance(v, cto.OpPalettizerConfig)}
-    for registered, chosen in (("compression::linear_quantize_weights", lin),
-                               ("compression::palettize_weights", pal)):
+    def _fresh(registered: str, options: dict[str, Any]) -> Any:
+        # a pass instance of our own: the registry's is shared, and its options would be too
+        p = type(PASS_REGISTRY[registered])()
+        p.set_options([PassOption(k, v) for k, v in options.items()])
+        return p
+
+    for registered, kind in (("compression::linear_quantize_weights", cto.OpLinearQuantizerConfig),
+                             ("compression::palettize_weights", cto.OpPalettizerConfig),
+                             ("compression::prune_weights", cto.OpThresholdPrunerConfig)):
+        chosen = {k: v for k, v in by_name.items() if isinstance(v, kind)}
         if chosen:
-            p = PASS_REGISTRY[registered]
-            p.set_options([PassOption("config", cto.OptimizationConfig(
-                global_config=None, op_name_configs=chosen))])
-            passes.append(p)
+            passes.append(_fresh(registered, {"config": cto.OptimizationConfig(
+                global_config=None, op_name_configs=chosen)}))
+    if config.mode == "sparse_int8" and any(isinstance(v, cto.OpThresholdPrunerConfig)
+                                            for v in by_name.values()):
+        # the non-zero values of the sparse weights, int8 per channel (joint compression: only
+        # a sparse weight's data is still uncompressed at this point)
+        passes.append(_fresh("compression::linear_quantize_weights", {
+            "config": cto.OptimizationConfig(global_config=_op_config("int8", 0)),
+            "joint_compression": True}))
     with pkgio.quiet():
         mlmodel = ct.models.MLModel(str(pkg), skip_model_load=True)
         out = _apply_graph_pass(mlmodel, passes, spec_version=mlmodel.get_spec()
@@ -188,11 +236,16 @@ def compress(base: Artifact, dest: Path, config: CoreMLCompressConfig,
         if gptq:  # the codes must come back as the checkpoint's own dequantized values
             expected = {hf: (gptq[consts[hf].name].dequantize().to(torch.float16).float()
                              .numpy()) for hf in (f"{h}.weight" for h in written)}
+        sparse_names = [t["name"] for t in tensors if t["from"] in SPARSE]
+        if config.mode == "sparse":  # lossless: the fp16 values themselves
+            expected = {hf: consts[hf].outputs[0].val for hf in sparse_names}
         checks = package_checks(tmp / pkgio.PACKAGE, bool(base.meta.get("stateful", True)),
                                 param_names, expected)
         if gptq:
             checks[-1]["name"] = "GPTQ codes decompressed from the package equal the " \
                                  "checkpoint's weights (fp16 rounding)"
+        if sparse:
+            checks.append(_sparse_check(tmp / pkgio.PACKAGE, sparse_names, consts))
     return Artifact(Path(dest), "coreml", {
         "type": config.mode, "block_size": config.block_size, "embedding": config.embedding,
         "kv_cache": base.meta.get("kv_cache"), "stateful": base.meta.get("stateful"),

@@ -30,9 +30,11 @@ from edgesmith.errors import ModelError
 STRUCTURED_KEYS = {"ffn_keep", "heads_keep", "kv_groups_keep", "drop_layers", "importance",
                    "multiple_of", "update"}
 UNSTRUCTURED_KEYS = {"sparsity", "pattern", "scope", "modules", "damp", "block_size"}
-SPARSITY_WARNING = ("unstructured sparsity: GGUF and ONNX files store every zero, so the artifact "
-                    "is not smaller (its size is in the manifest's artifacts) and llama.cpp and "
-                    "onnxruntime do not run faster on a CPU; use method: structured for that")
+SPARSITY_WARNING = ("unstructured sparsity: GGUF, ONNX and LiteRT files store every zero, so the "
+                    "artifact is not smaller (its size is in the manifest's artifacts) and "
+                    "llama.cpp and onnxruntime do not run faster on a CPU; use method: "
+                    "structured for that, or Core ML with coreml_compress mode sparse or "
+                    "sparse_int8, which stores the zeros as a mask")
 
 
 class PruneConfig(BaseModel):

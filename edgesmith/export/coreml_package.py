@@ -23,7 +23,7 @@ import numpy as np
 from edgesmith.errors import DependencyError, ModelError
 
 PACKAGE = "model.mlpackage"
-WEIGHT_SUFFIXES = ("_gptq", "_quantized", "_palettized", "_to_fp16")
+WEIGHT_SUFFIXES = ("_gptq", "_quantized", "_palettized", "_sparsified", "_to_fp16")
 MIN_WEIGHT = 2048  # coremltools' default weight_threshold: smaller constants stay fp16
 
 

@@ -229,3 +229,58 @@ def test_bench_speed_refused(exported: dict[str, Artifact]) -> None:
     runner = runner_for(exported["int8"].path / pkgio.PACKAGE)
     with pytest.raises(DependencyError, match="needs macOS"):
         runner.check_speed()
+
+
+def _layer_bytes(art: Artifact) -> int:
+    """Bytes of the package's weight file (the embedding is the same in every mode)."""
+    return sum(f.stat().st_size for f in (art.path / pkgio.PACKAGE).rglob("weight.bin"))
+
+
+def test_sparse_modes_store_the_zeros_as_a_mask(tiny_llama: Path,
+                                                tmp_path: Path) -> None:
+    """A magnitude-pruned model (50% of each decoder Linear zero): ``sparse`` keeps the values
+    exactly, ``sparse_int8`` quantizes only the non-zeros, both smaller than their dense form."""
+    from edgesmith.compress.coreml_compress import CoreMLCompressConfig, compress
+    from edgesmith.models import load_hf
+
+    model, tok = load_hf(tiny_llama)
+    names = []
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and name.startswith("model.layers."):
+                w = mod.weight
+                w[w.abs() <= w.abs().flatten().kthvalue(w.numel() // 2).values] = 0
+                names.append(f"{name}.weight")
+    pruned = tmp_path / "pruned"
+    model.save_pretrained(pruned)
+    tok.save_pretrained(pruned)
+    ctx = _ctx(tmp_path)
+    fp16 = CoreMLExporter(CoreMLExportConfig(context=CONTEXT)).export(pruned, ctx,
+                                                                      tmp_path / "fp16")
+    arts = {m: compress(fp16, tmp_path / m, CoreMLCompressConfig(mode=m, embedding="fp16"), ctx)
+            for m in ("int8", "sparse", "sparse_int8")}
+    state = {k: v.float().numpy() for k, v in model.state_dict().items()}
+    for mode in ("sparse", "sparse_int8"):
+        art = arts[mode]
+        assert all(c["passed"] for c in art.meta["checks"]), art.meta["checks"]
+        assert "sparse mask" in art.meta["checks"][-1]["name"]
+        types = {t["name"]: t for t in art.meta["tensors"]}
+        assert all(types[n]["type"].startswith("sparse-") and types[n]["sparsity"] >= 0.49
+                   for n in names), types
+        _spec, prog = pkgio.load_program(art.path / pkgio.PACKAGE)
+        got, kinds = pkgio.weights(prog, names)
+        assert set(kinds.values()) == {"constexpr_sparse_to_dense"}
+        for n in names:
+            assert np.array_equal(got[n] == 0, state[n] == 0), n
+            if mode == "sparse":  # fp16 values, nothing else lost
+                assert np.allclose(got[n].astype(np.float32), state[n], atol=2e-3, rtol=1e-3)
+    # 16 x 0.5 + 1 bits beats 16; 8 x 0.5 + 1 beats int8's 8
+    b = {m: _layer_bytes(a) for m, a in arts.items()}
+    b["fp16"] = _layer_bytes(fp16)
+    assert b["sparse"] < b["fp16"] and b["sparse_int8"] < b["int8"], b
+    # a sparse mode on a dense model: nothing reaches min_sparsity, and the check says so
+    dense = compress(CoreMLExporter(CoreMLExportConfig(context=CONTEXT)).export(
+        tiny_llama, ctx, tmp_path / "dense-fp16"), tmp_path / "dense",
+        CoreMLCompressConfig(mode="sparse"), ctx)
+    last = dense.meta["checks"][-1]
+    assert not last["passed"] and "unstructured prune" in last["detail"]
