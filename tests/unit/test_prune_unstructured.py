@@ -164,3 +164,19 @@ def test_compress_warns_that_a_sparse_gguf_is_not_smaller(tiny_llama, tmp_path) 
     size_mb = man["artifacts"][0]["size_bytes"] / 1e6
     warned = [w for w in man["warnings"] if w.startswith(SPARSITY_WARNING)]
     assert len(warned) == 1 and f"{size_mb:.1f} MB" in warned[0]
+
+
+def test_sparsity_warning_only_where_the_format_stores_every_zero(tmp_path: Path) -> None:
+    from edgesmith import recipe as recipe_mod
+    from edgesmith.context import Artifact
+    from edgesmith.pipeline import _sparsity_warnings
+
+    r = recipe_mod.load("iphone-15-sparse-int8")
+    assert _sparsity_warnings(r, Artifact(tmp_path, "coreml", {"type": "sparse_int8"}), 1) == []
+    for fmt, typ in (("coreml", "int8"), ("gguf", "Q8_0"), ("onnx", "q4"),
+                     ("litert", "dynamic_wi8_afp32")):
+        (w,) = _sparsity_warnings(r, Artifact(tmp_path, fmt, {"type": typ}), 2_000_000)
+        assert w.startswith(SPARSITY_WARNING) and f"this {fmt} artifact: 2.0 MB" in w
+    # a structured prune makes no zeros to warn about
+    assert _sparsity_warnings(recipe_mod.load("raspberry-pi-4-pruned-q4km"),
+                              Artifact(tmp_path, "gguf", {"type": "Q4_K_M"}), 1) == []
