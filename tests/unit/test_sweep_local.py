@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,8 +31,12 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def swept(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("sweep") / "s"
+    # a copy: its own run cache, so the first variant really converts and computes the
+    # reference and imatrix whatever other tests left in the session's cache
+    model = out.parent / tiny_llama.name
+    shutil.copytree(tiny_llama, model)
     # Q8_0 (16.8 MB) misses the size gate, Q4_0 (13.0 MB: its embedding stays at 6 bits) meets it
-    p = cli("sweep", str(tiny_llama), "--targets", ",".join(TARGETS), "--quants", "Q4_0,Q8_0",
+    p = cli("sweep", str(model), "--targets", ",".join(TARGETS), "--quants", "Q4_0,Q8_0",
             "--methods", "plain,imatrix", "--goal", "max_size_mb=15", "--jobs", "2",
             "--threads", "1", *CHEAP, "-o", str(out))
     assert p.returncode == 0, p.stderr
@@ -93,7 +98,8 @@ def test_recommendation_follows_from_the_manifests(swept: Path) -> None:
 
 def test_rerun_resumes_without_recomputing(swept: Path, tiny_llama: Path) -> None:
     stamps = {p: p.stat().st_mtime_ns for p in swept.glob("*/*.gguf")}
-    p = cli("sweep", str(tiny_llama), "--targets", ",".join(TARGETS), "--quants", "Q4_0,Q8_0",
+    model = swept.parent / tiny_llama.name  # the fixture's copy
+    p = cli("sweep", str(model), "--targets", ",".join(TARGETS), "--quants", "Q4_0,Q8_0",
             "--methods", "plain,imatrix", "--goal", "max_size_mb=15", "--jobs", "2",
             "--threads", "1", *CHEAP, "-o", str(swept), "--json")
     assert p.returncode == 0, p.stderr
