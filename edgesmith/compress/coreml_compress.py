@@ -23,6 +23,7 @@ The result is read back (milproto) and every weight compared with what was meant
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
@@ -104,13 +105,12 @@ def _reason(q: Any, cols: int) -> str | None:
     return None
 
 
-def _sparse_check(pkg: Path, names: list[str], consts: dict[str, Any],
-                  exact: bool) -> dict[str, Any]:
-    """Every weight chosen for sparse storage is a ``constexpr_sparse_to_dense`` that reads
-    back zero wherever the exported weight was zero; with ``exact`` (fp16 values) nowhere else
-    (int8 values may round a tiny non-zero to zero: counted, not an error)."""
-    _spec, prog = pkgio.load_program(pkg)
-    got, kinds = pkgio.weights(prog, names)
+def _sparse_check(names: list[str], consts: dict[str, Any], exact: bool,
+                  got: dict[str, Any], kinds: dict[str, str]) -> dict[str, Any]:
+    """Every weight chosen for sparse storage (``got``/``kinds``: the package read back) is a
+    ``constexpr_sparse_to_dense`` that reads back zero wherever the exported weight was zero;
+    with ``exact`` (fp16 values) nowhere else (int8 values may round a tiny non-zero to zero:
+    counted, not an error)."""
     bad, zeros, extra = [], [], 0
     for n in names:
         was = consts[n].outputs[0].val == 0
@@ -121,13 +121,18 @@ def _sparse_check(pkg: Path, names: list[str], consts: dict[str, Any],
             continue
         zeros.append(float(np.mean(was)))
         extra += int(np.sum(now & ~was))
-    detail = (f"{len(names)} weights sparse, mean sparsity {np.mean(zeros):.1%}"
-              + ("" if exact else f", {extra} non-zeros rounded to zero by int8")
-              if zeros else "no weight reached min_sparsity: run an unstructured prune step "
-              "first" if not names else "")
+    if not names:
+        detail = "no weight reached min_sparsity: run an unstructured prune step first"
+    elif zeros:
+        detail = f"{len(zeros)} weights sparse, mean sparsity {np.mean(zeros):.1%}"
+        if not exact:
+            detail += f", {extra} non-zeros rounded to zero by int8"
+    else:
+        detail = "no sparse weight read back right"
+    if bad:
+        detail += f"; wrong: {bad[:3]}"
     return {"name": "pruned zeros stored as a sparse mask, read back in place",
-            "passed": bool(names) and not bad,
-            "detail": detail + (f"; wrong: {bad[:3]}" if bad else "")}
+            "passed": bool(names) and not bad, "detail": detail}
 
 
 def compress(base: Artifact, dest: Path, config: CoreMLCompressConfig,
@@ -228,7 +233,7 @@ def compress(base: Artifact, dest: Path, config: CoreMLCompressConfig,
         # the non-zero values of the sparse weights, int8 per channel (joint compression: only
         # a sparse weight's data is still uncompressed at this point)
         passes.append(_fresh("compression::linear_quantize_weights", {
-            "config": cto.OptimizationConfig(global_config=_op_config("int8", 0)),
+            "config": cto.OptimizationConfig(global_config=_op_config("int8", config.block_size)),
             "joint_compression": True}))
     with pkgio.quiet():
         mlmodel = ct.models.MLModel(str(pkg), skip_model_load=True)
@@ -249,14 +254,14 @@ def compress(base: Artifact, dest: Path, config: CoreMLCompressConfig,
         sparse_names = [t["name"] for t in tensors if t["from"] in SPARSE]
         if config.mode == "sparse":  # lossless: the fp16 values themselves
             expected = {hf: consts[hf].outputs[0].val for hf in sparse_names}
+        more = functools.partial(_sparse_check, sparse_names, consts,
+                                 config.mode == "sparse") if sparse else None
         checks = package_checks(tmp / pkgio.PACKAGE, bool(base.meta.get("stateful", True)),
-                                param_names, expected)
+                                param_names, expected, more)
         if gptq:
-            checks[-1]["name"] = "GPTQ codes decompressed from the package equal the " \
-                                 "checkpoint's weights (fp16 rounding)"
-        if sparse:
-            checks.append(_sparse_check(tmp / pkgio.PACKAGE, sparse_names, consts,
-                                        exact=config.mode == "sparse"))
+            next(c for c in checks if c["name"].startswith("weights decompressed"))["name"] = \
+                "GPTQ codes decompressed from the package equal the checkpoint's weights " \
+                "(fp16 rounding)"
     return Artifact(Path(dest), "coreml", {
         "type": config.mode, "block_size": config.block_size, "embedding": config.embedding,
         "kv_cache": base.meta.get("kv_cache"), "stateful": base.meta.get("stateful"),

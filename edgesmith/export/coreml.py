@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -140,9 +141,12 @@ def _convert(module: Any, context: int, stateful: bool) -> Any:
 
 
 def package_checks(pkg: Path, stateful: bool, param_names: list[str],
-                   expected: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                   expected: dict[str, Any] | None = None,
+                   more: Callable[[dict[str, Any], dict[str, str]], dict[str, Any]] | None = None
+                   ) -> list[dict[str, Any]]:
     """What Linux can check of a package: spec + MIL program load, the app-facing interface,
-    and (``expected``: HF name -> the fp32 value meant) the weights read back."""
+    and (``expected``: HF name -> the fp32 value meant) the weights read back; ``more`` is one
+    more check computed from the same read-back (weights by HF name, their storage op types)."""
     import numpy as np
 
     spec, prog = pkgio.load_program(pkg)
@@ -160,7 +164,7 @@ def package_checks(pkg: Path, stateful: bool, param_names: list[str],
          "detail": f"inputs {ins}, outputs {[o['name'] for o in d['outputs']]}, "
                    f"states {[s['name'] for s in d['states']]}"},
     ]
-    got, _kinds = pkgio.weights(prog, param_names)
+    got, kinds = pkgio.weights(prog, param_names)
     ones = pkgio.fill_identity_norms(got, param_names, int(spec_hidden(got)))
     missing = sorted(set(param_names) - set(got))
     wrong_ones = [n for n in ones if expected is not None and n in expected
@@ -187,6 +191,8 @@ def package_checks(pkg: Path, stateful: bool, param_names: list[str],
                                "(fp16 rounding)", "passed": worst <= 1e-3,
                        "detail": f"max relative error {worst:.1e}" + (f" ({where})" if where
                                                                        else "")})
+    if more is not None:
+        checks.append(more(got, kinds))
     return checks
 
 
