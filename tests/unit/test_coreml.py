@@ -274,6 +274,16 @@ def test_sparse_modes_store_the_zeros_as_a_mask(tiny_llama: Path,
             assert np.array_equal(got[n] == 0, state[n] == 0), n
             if mode == "sparse":  # fp16 values, nothing else lost
                 assert np.allclose(got[n].astype(np.float32), state[n], atol=2e-3, rtol=1e-3)
+    # the runner's logits: sparse is the fp16 model exactly, sparse_int8 close to it
+    ids = _ids()
+    lp = {}
+    for name, art in (("fp16", fp16), *arts.items()):
+        sess = runner_for(art.path).open(art.path, threads=2, n_ctx=CONTEXT)
+        lp[name] = sess.logprobs(ids)
+        sess.close()
+    assert np.array_equal(lp["sparse"], lp["fp16"])
+    kld = float(kl_divergence(lp["fp16"], lp["sparse_int8"]).mean())
+    assert 0 < kld < 0.05, kld
     # 16 x 0.5 + 1 bits beats 16; 8 x 0.5 + 1 beats int8's 8
     b = {m: _layer_bytes(a) for m, a in arts.items()}
     b["fp16"] = _layer_bytes(fp16)
