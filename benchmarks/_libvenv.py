@@ -164,6 +164,45 @@ def _llmc_gptq(a: argparse.Namespace) -> dict[str, Any]:
             "version": f"llmcompressor {llmcompressor.__version__}"}
 
 
+def _llmc_sparse(a: argparse.Namespace) -> dict[str, Any]:
+    """llm-compressor's SparseGPT or Wanda (``--method``) at ``--sparsity`` or ``--pattern``
+    N:M, ``lm_head`` in its ignore list; the pruned model as a plain fp32 dir, with the
+    sparsity it actually left in every Linear (lm_head and the embeddings included)."""
+    import numpy as np
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if a.method == "sparsegpt":
+        from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier as Mod
+        extra: dict[str, Any] = {"dampening_frac": a.damp, "block_size": 128}
+    else:
+        from llmcompressor.modifiers.pruning.wanda import WandaPruningModifier as Mod
+        extra = {}
+    ids = np.load(a.calib)
+    ds = Dataset.from_dict({"input_ids": ids.tolist(),
+                           "attention_mask": np.ones_like(ids).tolist()})
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(a.model)
+    recipe = Mod(sparsity=a.sparsity, mask_structure=a.pattern or "0:0", targets=["Linear"],
+                 ignore=["re:.*lm_head"], **extra)
+    t0, c0 = time.perf_counter(), time.process_time()
+    oneshot(model=model, processor=tok, dataset=ds, recipe=recipe,
+            max_seq_length=int(ids.shape[1]), num_calibration_samples=len(ids),
+            shuffle_calibration_samples=False, batch_size=a.batch)
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    sparsity = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
+            sparsity[name] = float((m.weight == 0).float().mean())
+    _plain_dir(model, Path(a.model), Path(a.out), {})
+    import llmcompressor
+
+    return {"seconds": seconds, "cpu_seconds": cpu, "sparsity": sparsity,
+            "version": f"llmcompressor {llmcompressor.__version__}"}
+
+
 def _dequantized(model: Any) -> dict[str, Any]:
     """name.weight -> fp32 [out, in] of every gptqmodel quantized Linear of ``model``,
     oriented by checking the module's own forward on a random input."""
@@ -258,8 +297,8 @@ def _gptqmodel_logprobs(a: argparse.Namespace) -> dict[str, Any]:
             "max_weight_diff": diff}
 
 
-WORKERS = {"llmc-gptq": _llmc_gptq, "gptqmodel-awq": _gptqmodel_awq,
-           "gptqmodel-logprobs": _gptqmodel_logprobs}
+WORKERS = {"llmc-gptq": _llmc_gptq, "llmc-sparse": _llmc_sparse,
+           "gptqmodel-awq": _gptqmodel_awq, "gptqmodel-logprobs": _gptqmodel_logprobs}
 
 
 def worker_main(argv: list[str]) -> None:
@@ -275,6 +314,9 @@ def worker_main(argv: list[str]) -> None:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--damp", type=float, default=0.01)
     ap.add_argument("--act-order", action="store_true")
+    ap.add_argument("--method", choices=["sparsegpt", "wanda"], default="sparsegpt")
+    ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--pattern", help="N:M (llm-compressor's mask_structure)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--result", required=True, help="JSON file for the worker's figures")

@@ -13,7 +13,15 @@ and token counts. Prints parameters (ratio), file size, perplexity before prunin
 pruning / after distillation, the share of the pruning's perplexity increase the distillation
 won back, training tokens and time, and the decode speed ratio.
 
+``--part unstructured`` instead measures Wanda and SparseGPT at 50% and 2:4 against
+llm-compressor 0.14's (its own venv, benchmarks/_libvenv.py) on the same model and the same
+calibration chunks: each pruned model in PyTorch fp32, mean KLD / perplexity / top-1 against the
+unpruned model on the held-out text (edgesmith.bench.quality), the wall and CPU seconds of the
+pruning itself (model loading and evaluation excluded on both sides), and the sparsity each left
+in ``lm_head`` and the embeddings (both told to leave them alone).
+
 Example: python benchmarks/prune_distill.py --distill-steps 300 --threads 2
+         python benchmarks/prune_distill.py --part unstructured --calib-samples 64
 """
 
 from __future__ import annotations
@@ -21,8 +29,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -72,10 +82,115 @@ def add_prune_distill_args(ap: argparse.ArgumentParser,
     ap.add_argument("--windows", type=int, default=8, help="held-out windows of 512 tokens")
 
 
+UNSTRUCTURED = [("sparsegpt", "50%"), ("sparsegpt", "2:4"), ("wanda", "50%"), ("wanda", "2:4")]
+
+
+def unstructured(a: argparse.Namespace) -> None:
+    """edgesmith's Wanda and SparseGPT against llm-compressor's, same model and calibration."""
+    import _libvenv
+    import numpy as np
+    import torch
+    from gptq_awq_vs_libraries import _Clock, _eval_dir, _InMemory, _q, _try
+
+    from edgesmith import models
+    from edgesmith.bench import quality
+    from edgesmith.compress import awq
+    from edgesmith.compress.imatrix import CalibrationConfig
+    from edgesmith.compress.prune import PruneConfig, PrunePass
+    from edgesmith.context import RunContext, make_progress
+
+    torch.set_num_threads(a.threads)
+    hf_dir = models.as_hf_dir(models.resolve(a.model), None)
+    work = Path(tempfile.mkdtemp(prefix="es-sparse-libs-"))
+    ref = quality.reference(hf_dir, quality.EvalSpec(512, a.windows), work / "ref",
+                            threads=a.threads)
+    _, tok = models.load_hf(hf_dir)
+    calib = CalibrationConfig(samples=a.calib_samples, seq_len=a.calib_len)
+    ids = awq.calibration_ids(tok, calib).numpy()  # the chunks both sides get
+    np.save(work / "calib.npy", ids)
+    rows: dict[str, dict[str, Any]] = {}
+
+    def kept(model: Any) -> dict[str, float]:
+        return {n: float((m.weight == 0).float().mean()) for n, m in model.named_modules()
+                if n in ("lm_head", "model.embed_tokens")}
+
+    base = kept(models.load_hf(hf_dir)[0])  # the zeros they hold before any pruning
+
+    def ours(method: str, setting: str) -> dict[str, Any]:
+        model, _ = models.load_hf(hf_dir)
+        ctx = RunContext(out_dir=work, cache_dir=work, progress=make_progress(quiet=True),
+                         threads=a.threads)
+        ctx.extras.update(calibration=calib, tokenizer=tok)
+        cfg = PruneConfig(method=method, **({"pattern": setting} if ":" in setting else
+                                            {"sparsity": float(setting[:-1]) / 100}))
+        with _Clock() as c:
+            PrunePass(cfg).run(model, ctx)
+        rep = ctx.extras["pass_reports"][-1]
+        return {**c.figures(), **_q(_InMemory(model), ref), "kept": kept(model),
+                "sparsity": rep["sparsity_pruned_modules"]}
+
+    def lib(method: str, setting: str) -> dict[str, Any]:
+        out = work / f"llmc-{method}-{setting.replace(':', '-').rstrip('%')}"
+        spec = ["--pattern", setting] if ":" in setting else \
+            ["--sparsity", str(float(setting[:-1]) / 100)]
+        res = _libvenv.work("llmcompressor", "llmc-sparse", [
+            "--model", str(hf_dir), "--calib", str(work / "calib.npy"), "--out", str(out),
+            "--method", method, *spec, "--damp", "0.01", "--batch", "8",
+            "--threads", str(a.threads)])
+        sp = res["sparsity"]
+        layers = [v for k, v in sp.items() if k not in ("lm_head", "model.embed_tokens")]
+        return {"seconds": res["seconds"], "cpu_seconds": res["cpu_seconds"],
+                "note": res["version"], **_eval_dir(out, ref),
+                "kept": {k: v for k, v in sp.items() if k in ("lm_head", "model.embed_tokens")},
+                "sparsity": sum(layers) / max(1, len(layers))}
+
+    try:
+        for method, setting in UNSTRUCTURED:
+            _try(rows, f"edgesmith {method} {setting}", lambda m=method, st=setting: ours(m, st))
+            _try(rows, f"llm-compressor {method} {setting}",
+                 lambda m=method, st=setting: lib(m, st))
+    finally:
+        print(f"\nmodel {a.model}; {len(ids)} x {ids.shape[1]} calibration tokens (the same "
+              f"chunks both sides), damp 0.01, block 128; {a.windows} x 512 held-out windows, "
+              f"PyTorch fp32; {a.threads} threads; zeros in lm_head / embeddings before "
+              f"pruning: {' / '.join(f'{100 * v:.1f}%' for v in base.values())}")
+        print("| method | sparsity of the decoder Linears | lm_head / embeddings zeros | "
+              "wall s | CPU s | mean KLD | ppl vs ref | top-1 |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for k, r in rows.items():
+            if "error" in r:
+                print(f"| {k} | could not run: {r['error']} | | | | | | |")
+                continue
+            z = " / ".join(f"{100 * v:.1f}%" for v in r["kept"].values()) or "-"
+            print(f"| {k} | {100 * r['sparsity']:.1f}% | {z} | {r['seconds']:.1f} | "
+                  f"{r['cpu_seconds']:.1f} | {r['kld']:.4f} | {r['ppl']:+.1f}% | "
+                  f"{100 * r['top1']:.1f}% |")
+        print("\nratios, edgesmith / llm-compressor (targets: KLD <= 1.05x, wall time <= 1.0x)")
+        for method, setting in UNSTRUCTURED:
+            e = rows.get(f"edgesmith {method} {setting}", {})
+            lc = rows.get(f"llm-compressor {method} {setting}", {})
+            if "kld" not in e or "kld" not in lc:
+                print(f"- {method} {setting}: not measured")
+                continue
+            kr, tr = e["kld"] / lc["kld"], e["seconds"] / lc["seconds"]
+            print(f"- {method} {setting}: KLD {kr:.3f}x ({'met' if kr <= 1.05 else 'MISSED'}), "
+                  f"wall {tr:.2f}x ({'met' if tr <= 1.0 else 'MISSED'}), CPU "
+                  f"{e['cpu_seconds'] / lc['cpu_seconds']:.2f}x")
+        if a.json:
+            a.json.write_text(json.dumps(rows, indent=2) + "\n")
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_prune_distill_args(ap)
+    ap.add_argument("--part", choices=["structured", "unstructured"], default="structured")
+    ap.add_argument("--calib-samples", type=int, default=64,
+                    help="unstructured: calibration chunks (both libraries)")
+    ap.add_argument("--calib-len", type=int, default=256,
+                    help="unstructured: tokens per calibration chunk")
+    ap.add_argument("--json", type=Path, help="unstructured: also write the rows here")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=5, help="edgesmith bench repeats")
     ap.add_argument("--out", type=Path, default=Path.home() / ".cache/edgesmith/bench/prune")
@@ -84,6 +199,10 @@ def main() -> None:
                          "model does not depend on its training); benchmarks/distill_recovery.py "
                          "measures the recovery in PyTorch, on a GPU where there is one")
     a = ap.parse_args()
+    if a.part == "unstructured":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        unstructured(a)
+        return
     fill = {"ffn_keep": a.ffn_keep, "drop": a.drop_layers, "mult": a.multiple_of,
             "steps": a.distill_steps, "bs": a.batch_size, "seq": a.seq_len, "lr": a.lr,
             "temp": a.temperature, "alpha": a.alpha}
