@@ -3,9 +3,11 @@
 LiteRT (Android), all on the same model, held-out windows and evaluator as ``compress``
 (quality against the fp32 torch reference, each artifact in its own runtime):
 
-- edgesmith ``--target android-midrange`` (litert_torch export_hf fp32, cached, then
-  ``dynamic_wi8_afp32`` derived from it), in LiteRT's interpreter; ``--recipes`` adds the other
-  recipes derived from the same export (weight-only int8, int4 blocks of 32);
+- edgesmith ``--target android-midrange`` (litert_torch export_hf fp32, cached, then the
+  recipe's ``dynamic_wi8c_hr_afp32`` derived from it), in LiteRT's interpreter; ``--recipes``
+  adds the other recipes derived from the same export (export_hf's default dynamic int8
+  without the Hadamard rotation, weight-only int8, int4 blocks of 32), each with its decode
+  tokens/s;
 - anchor: ``litert_torch.generative.export_hf`` run directly with its default recipe
   (dynamic_wi8_afp32) and the same prefill/cache lengths, evaluated with the same runner:
   edgesmith's int8 must be no worse; its export time and peak memory (a child process each,
@@ -36,7 +38,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-OTHER_RECIPES = ("weight_only_wi8_afp32", "dynamic_wi4b32_afp32")
+OTHER_RECIPES = ("dynamic_wi8_afp32", "weight_only_wi8_afp32", "dynamic_wi4b32_afp32")
+OURS = "edgesmith android-midrange (the target's recipe)"
 
 
 def _compress(model: str, out: Path) -> dict[str, Any]:
@@ -138,8 +141,8 @@ def litert_rows(args: argparse.Namespace) -> dict[str, Any]:
     q_s, q_peak = _child_peak(
         "from pathlib import Path; from edgesmith.compress.litert_quantize import "
         f"quantize_tflite; quantize_tflite(Path({str(fp32_dir / 'model.tflite')!r}), "
-        f"Path({str(work / 'q.tflite')!r}), 'dynamic_wi8_afp32')")
-    ours = {"row": "edgesmith android-midrange (dynamic_wi8_afp32)",
+        f"Path({str(work / 'q.tflite')!r}), {art['type']!r})")
+    ours = {"row": OURS, "recipe": art["type"],
             "kld": art["quality"]["kld_mean"], "top1": art["quality"]["top1_agreement"],
             "ppl_pct": art["quality"]["ppl_increase_pct"],
             "tflite_mb": (folder / "model.tflite").stat().st_size / 1e6,
@@ -157,7 +160,8 @@ def litert_rows(args: argparse.Namespace) -> dict[str, Any]:
             (work / "tokenizer.json").write_bytes((fp32_dir / "tokenizer.json").read_bytes())
             out["rows"].append({"row": f"edgesmith {r}", **_quality(dest, "litert", ref,
                                                                      args.threads),
-                                "tflite_mb": dest.stat().st_size / 1e6})
+                                "tflite_mb": dest.stat().st_size / 1e6,
+                                "decode_tps": _decode_tps(dest, "litert", args.threads)})
     out["rows"] += [direct_row, q8_row]
     out["decode_tps"] = {"litert_int8": _decode_tps(folder, "litert", args.threads),
                          "llama_cpp_q8_0": _decode_tps(q8, "gguf", args.threads)}
@@ -168,13 +172,15 @@ def report_litert(res: dict[str, Any]) -> None:
     rows = {r["row"]: r for r in res["rows"]}
     print(f"\nLiteRT on {res['model']} ({res['threads']} threads, host CPU)")
     print(f"{'row':48} {'KLD':>8} {'top-1':>7} {'ppl +%':>7} {'MB':>7} {'export s':>9} "
-          f"{'peak MB':>8}")
+          f"{'peak MB':>8} {'tok/s':>6}")
     for r in res["rows"]:
         def f(k: str, fmt: str, r: dict[str, Any] = r) -> str:
             return format(r[k], fmt) if r.get(k) is not None else "-"
         print(f"{r['row']:48} {f('kld', '8.4f')} {f('top1', '7.3f')} {f('ppl_pct', '7.2f')} "
-              f"{f('tflite_mb', '7.1f')} {f('export_s', '9.1f')} {f('peak_mb', '8.0f')}")
-    ours = rows["edgesmith android-midrange (dynamic_wi8_afp32)"]
+              f"{f('tflite_mb', '7.1f')} {f('export_s', '9.1f')} {f('peak_mb', '8.0f')} "
+              f"{f('decode_tps', '6.1f')}")
+    ours = rows[OURS]
+    print(f"the target's recipe: {ours['recipe']}")
     direct = rows["export_hf direct (default dynamic_wi8_afp32)"]
     q8 = rows["GGUF Q8_0 (llama.cpp)"]
     print(f"KLD vs GGUF Q8_0: {ours['kld'] / q8['kld']:.2f}x (target <= 1.5x)")
@@ -184,7 +190,7 @@ def report_litert(res: dict[str, Any]) -> None:
     print(f"export time vs direct: {ours['export_s'] / direct['export_s']:.2f}x, peak memory "
           f"{peak} (targets <= 1.1x)")
     d = res["decode_tps"]
-    print(f"decode tok/s: LiteRT int8 {d['litert_int8']:.1f}, llama.cpp Q8_0 "
+    print(f"decode tok/s: LiteRT int8 ({ours['recipe']}) {d['litert_int8']:.1f}, llama.cpp Q8_0 "
           f"{d['llama_cpp_q8_0']:.1f}: ratio {d['litert_int8'] / d['llama_cpp_q8_0']:.2f}")
     print(f"LiteRT-LM chat check passed: {ours['chat']}")
 

@@ -47,7 +47,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # ai_edge_quantizer recipes offered (recipe option `dtype`, or litert_quantize's `recipe`),
 # measured on SmolLM2-135M in LiteRT's interpreter against PyTorch fp32 (KLD, top-1, host
 # decode tok/s): see benchmarks/mobile_vs_anchors.py
-Quantization = Literal["fp32", "dynamic_wi8_afp32", "weight_only_wi8_afp32", "dynamic_wi4b32_afp32"]
+Quantization = Literal["fp32", "dynamic_wi8c_hr_afp32", "dynamic_wi8_afp32",
+                       "weight_only_wi8_afp32", "dynamic_wi4b32_afp32"]
 
 
 class LiteRTExportConfig(BaseModel):

@@ -27,14 +27,16 @@ def test_compress_smollm2_for_android(tmp_path: Path, watched) -> None:  # type:
     art = man["artifacts"][0]
     assert man["recipe"]["name"] == "android-midrange-int8" and man["gates"]["passed"]
     assert art["format"] == "litert" and art["runtime"] == "litert"
-    assert art["type"] == "dynamic_wi8_afp32" and "LiteRT" in art["verified"]
+    assert art["type"] == "dynamic_wi8c_hr_afp32" and "LiteRT" in art["verified"]
     # the fp32 export is the model (the reference is stored as fp16: rounding only)
     assert man["baseline"]["type"] == "fp32"
     assert man["baseline"]["quality"]["kld_mean"] < 1e-3
     assert man["baseline"]["quality"]["top1_agreement"] > 0.99
     q = art["quality"]
     assert 0 < q["kld_mean"] <= man["gates"]["limits"]["max_kld"]
-    assert q["top1_agreement"] > 0.85
+    # the Hadamard rotation is really applied: dynamic int8 without it measured KLD 0.018 and
+    # top-1 92% here, with it 0.0038 and 96%
+    assert q["kld_mean"] < 0.01 and q["top1_agreement"] > 0.94
     # LiteRT-LM's greedy chat answer equals the interpreter's on the same int8 .tflite (start
     # token and template fixed; int8 may fork from transformers' fp32 answer, which is recorded)
     chat = [c for c in art["checks"] if c["name"] == "litert-lm chat"]

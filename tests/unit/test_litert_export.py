@@ -141,7 +141,7 @@ def test_quantized_variants_derived_from_the_export(exported: Artifact, tmp_path
     ref_lp = torch.log_softmax(torch.tensor(_torch_logits(torch_model, ids)[35:-1]), -1).numpy()
     fp32_size = (exported.path / "model.tflite").stat().st_size
     klds = {}
-    for recipe in ("dynamic_wi8_afp32", "weight_only_wi8_afp32"):
+    for recipe in ("dynamic_wi8c_hr_afp32", "dynamic_wi8_afp32", "weight_only_wi8_afp32"):
         art = quantize(exported, tmp_path / recipe, recipe, _ctx(tmp_path), chat=False)
         assert art.meta["type"] == recipe and art.meta["cache_length"] == CACHE
         assert (art.path / "model.litertlm").is_file()
