@@ -54,8 +54,9 @@ def _ppl(model: Any, tok: Any, ref: quality.Reference, tmp: Path, name: str) -> 
 
 
 def _trainer_tokens_per_s(student: Any, teacher: Any, data: torch.Tensor, c: DistillConfig,
-                          steps: int, out: Path) -> float:
-    """A plain transformers Trainer loop on the same model, loss and batch."""
+                          steps: int, out: Path, bf16: bool) -> float:
+    """A plain transformers Trainer loop on the same model, loss, batch and precision (``bf16``:
+    what the distill pass chose, so that a CPU with bf16 runs both in bf16)."""
     from transformers import Trainer, TrainingArguments
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -74,7 +75,7 @@ def _trainer_tokens_per_s(student: Any, teacher: Any, data: torch.Tensor, c: Dis
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=c.batch_size, max_steps=steps,
         learning_rate=c.lr, weight_decay=c.weight_decay, warmup_steps=min(10, steps // 10),
-        lr_scheduler_type="cosine", bf16=device == "cuda" or c.precision == "bf16",
+        lr_scheduler_type="cosine", bf16=bf16,
         logging_steps=max(1, steps), save_strategy="no", report_to=[],
         dataloader_num_workers=0, use_cpu=device == "cpu", disable_tqdm=True,
         remove_unused_columns=False)
@@ -122,7 +123,7 @@ def main() -> None:
     data = chunks(tok, text, a.seq_len)
     teacher = models.load_hf(hf_dir)[0]
     trainer_tps = _trainer_tokens_per_s(student_for_trainer, teacher, data, dcfg,
-                                        a.trainer_steps, tmp / "trainer")
+                                        a.trainer_steps, tmp / "trainer", bool(report["bf16"]))
     recovered = (q_pruned["ppl"] - q_dist["ppl"]) / max(1e-9, q_pruned["ppl"] - ref.ppl)
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     fig = {"model": a.model, "device": dev, "params_before": n_before, "params_after": n_after,
