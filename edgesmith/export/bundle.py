@@ -10,9 +10,10 @@ version. ``verify(bundle_dir)`` re-hashes every file: a changed byte, a missing 
 file is reported.
 
 Android: the ``.tflite``/``.litertlm`` of the LiteRT exporter (LiteRT-LM loads the
-``.litertlm``, which carries the tokenizer too) or a GGUF for llama.cpp. MediaPipe's ``.task``
-needs a SentencePiece tokenizer; for an HF BPE tokenizer (SmolLM2's) the bundle says so instead
-of failing late. iOS: the ``.mlpackage`` (or a GGUF) in a folder Xcode adds as a resource.
+``.litertlm``, which carries the tokenizer too) and, for a SentencePiece tokenizer, the
+exporter's MediaPipe ``.task``, or a GGUF for llama.cpp; for an HF BPE tokenizer (SmolLM2's)
+the bundle says why there is no ``.task`` instead of failing late. iOS: the ``.mlpackage``
+(or a GGUF) in a folder Xcode adds as a resource.
 """
 
 from __future__ import annotations
@@ -162,17 +163,23 @@ def _target_fit(man: dict[str, Any], total: int) -> dict[str, Any] | None:
             "headroom_bytes": usable - total}
 
 
-def _mediapipe_task(platform: str, side: dict[str, Path]) -> dict[str, Any] | None:
+def _mediapipe_task(platform: str, side: dict[str, Path],
+                    model_files: list[str]) -> dict[str, Any] | None:
     if platform != "android":
         return None
+    if "model.task" in model_files:
+        return {"built": True, "path": "model.task",
+                "how": "MediaPipe's genai.bundler: the .tflite, the SentencePiece "
+                       "tokenizer.model and the chat template's turn affixes; checked in "
+                       "LiteRT-LM (checks: 'litert-lm chat (.task)')"}
     if "tokenizer.model" not in side:
         return {"built": False,
                 "why": "MediaPipe LLM Inference's .task bundler takes only a SentencePiece "
                        "tokenizer (tokenizer.model); this model has an HF BPE tokenizer: load "
                        "the .litertlm with LiteRT-LM instead"}
     return {"built": False,
-            "why": "not built by this version: the model has a SentencePiece tokenizer, so "
-                   "mediapipe==0.10.35's genai.bundler can package the .tflite with it"}
+            "why": "the compress result holds no model.task (a GGUF, or a LiteRT export made "
+                   "before edgesmith built one): compress it again with the litert format"}
 
 
 def build(result_dir: Path, out_dir: Path, platform: str | None = None, force: bool = False,
@@ -222,7 +229,7 @@ def build(result_dir: Path, out_dir: Path, platform: str | None = None, force: b
                       "sentencepiece": "tokenizer.model" in side},
         "chat_template": "chat_template.jinja" if template is not None else None,
         "generation": "generation.json" if generation else None,
-        "mediapipe_task": _mediapipe_task(platform, side),
+        "mediapipe_task": _mediapipe_task(platform, side, model_files),
     }
     with Publication(out_dir, names, force, manifest=BUNDLE_MANIFEST) as pub:
         for name in model_files:

@@ -41,9 +41,11 @@ from edgesmith.errors import DependencyError, ModelError, ToolError
 from edgesmith.fsutil import atomic_dir
 
 EXTRA_HINT = "pip install 'edgesmith[litert]'"
-MODEL_FILES = ("model.tflite", "model.litertlm")
+# model.task: MediaPipe LLM Inference's bundle, only for a SentencePiece tokenizer
+MODEL_FILES = ("model.tflite", "model.litertlm", "model.task")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "config.json", "generation_config.json")
+                   "tokenizer.model", "chat_template.jinja", "config.json",
+                   "generation_config.json")
 # ai_edge_quantizer recipes offered (recipe option `dtype`, or litert_quantize's `recipe`),
 # measured on SmolLM2-135M in LiteRT's interpreter against PyTorch fp32 (KLD, top-1, host
 # decode tok/s): see benchmarks/mobile_vs_anchors.py
@@ -245,20 +247,29 @@ def export_fp32(hf_dir: Path, dest: Path, cfg: LiteRTExportConfig, ctx: RunConte
 
 def finish(folder: Path, hf_dir: Path, cfg: LiteRTExportConfig, ctx: RunContext) \
         -> dict[str, Any]:
-    """Package ``folder/model.tflite`` into ``model.litertlm`` and check it in LiteRT-LM."""
-    from edgesmith.export import litertlm
+    """Package ``folder/model.tflite`` into ``model.litertlm`` (and, for a SentencePiece
+    tokenizer, MediaPipe's ``model.task``) and check each in LiteRT-LM."""
+    from edgesmith.export import litertlm, mediapipe_task
 
     task = ctx.task("package .litertlm and check a chat answer in LiteRT-LM", total=None)
-    litertlm.package(folder / "model.tflite", hf_dir, folder / "model.litertlm",
-                     cfg.cache_length)
-    checks = ([litertlm.chat_check(folder / "model.litertlm", hf_dir, folder / "model.tflite")]
-              if cfg.chat_check else [])
+    tflite = folder / "model.tflite"
+    litertlm.package(tflite, hf_dir, folder / "model.litertlm", cfg.cache_length)
+    checks = [litertlm.chat_check(folder / "model.litertlm", hf_dir, tflite)] \
+        if cfg.chat_check else []
+    extra: dict[str, Any] = {}
+    if mediapipe_task.sentencepiece_model(hf_dir) is not None:
+        dest = folder / mediapipe_task.TASK_FILE
+        extra["task_metadata"] = mediapipe_task.build(tflite, hf_dir, dest)
+        extra["task_bytes"] = dest.stat().st_size
+        if cfg.chat_check:
+            checks.append({**litertlm.chat_check(dest, hf_dir, tflite),
+                           "name": "litert-lm chat (.task)"})
     ctx.progress.update(task, total=1, completed=1)
     for c in checks:
         if not c["passed"]:
             ctx.logger.warning("%s check failed: %s", c["name"], c["detail"])
-    return {"checks": checks, "tflite_bytes": (folder / "model.tflite").stat().st_size,
-            "litertlm_bytes": (folder / "model.litertlm").stat().st_size}
+    return {"checks": checks, "tflite_bytes": tflite.stat().st_size,
+            "litertlm_bytes": (folder / "model.litertlm").stat().st_size, **extra}
 
 
 class LiteRTExporter:

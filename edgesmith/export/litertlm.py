@@ -38,8 +38,9 @@ FIXES = ["start token only when the HF tokenizer prepends BOS itself",
 SAMPLER: str | None = "TOP_P"
 CHECK_MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 MAX_NEW_TOKENS = 48
-# what chat_check compares (2: the same .tflite in the interpreter, not transformers)
-CHECK_VERSION = 2
+# what chat_check compares (2: the same .tflite in the interpreter, not transformers;
+# 3: a SentencePiece model's .task is built and checked too)
+CHECK_VERSION = 3
 
 _MACRO = ("{%- macro _es_text(c) -%}{%- if c is string -%}{{ c }}{%- else -%}"
           "{%- for p in c -%}{%- if p is string -%}{{ p }}{%- elif p['text'] is defined -%}"
