@@ -254,16 +254,14 @@ def finish(folder: Path, hf_dir: Path, cfg: LiteRTExportConfig, ctx: RunContext)
     task = ctx.task("package .litertlm and check a chat answer in LiteRT-LM", total=None)
     tflite = folder / "model.tflite"
     litertlm.package(tflite, hf_dir, folder / "model.litertlm", cfg.cache_length)
-    checks = [litertlm.chat_check(folder / "model.litertlm", hf_dir, tflite)] \
-        if cfg.chat_check else []
+    packages = {"litert-lm chat": folder / "model.litertlm"}
     extra: dict[str, Any] = {}
     if mediapipe_task.sentencepiece_model(hf_dir) is not None:
         dest = folder / mediapipe_task.TASK_FILE
         extra["task_metadata"] = mediapipe_task.build(tflite, hf_dir, dest)
         extra["task_bytes"] = dest.stat().st_size
-        if cfg.chat_check:
-            checks.append({**litertlm.chat_check(dest, hf_dir, tflite),
-                           "name": "litert-lm chat (.task)"})
+        packages["litert-lm chat (.task)"] = dest
+    checks = litertlm.chat_checks(packages, hf_dir, tflite) if cfg.chat_check else []
     ctx.progress.update(task, total=1, completed=1)
     for c in checks:
         if not c["passed"]:

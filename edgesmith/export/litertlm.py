@@ -192,33 +192,43 @@ def interpreter_answer(tflite: Path, hf_dir: Path, messages: list[dict[str, Any]
     return str(tok.decode(toks[:cut], skip_special_tokens=True)).strip()
 
 
-def chat_check(litertlm: Path, hf_dir: Path, tflite: Path) -> dict[str, Any]:
-    """{"name", "passed", "detail"}: LiteRT-LM's greedy chat answer equals the greedy answer of
-    the packaged ``tflite`` in LiteRT's interpreter on the HF chat template's tokens (compared
-    over the shorter of the two: the reference stops at MAX_NEW_TOKENS). transformers' fp32
-    answer is in ``detail`` and ``matches_transformers``."""
+def chat_checks(packages: dict[str, Path], hf_dir: Path, tflite: Path) -> list[dict[str, Any]]:
+    """One {"name", "passed", "detail"} per package (check name -> a ``.litertlm`` or ``.task``
+    packing ``tflite``): LiteRT-LM's greedy chat answer equals the greedy answer of ``tflite``
+    in LiteRT's interpreter on the HF chat template's tokens (compared over the shorter of the
+    two: the reference stops at MAX_NEW_TOKENS). transformers' fp32 answer is in ``detail`` and
+    ``matches_transformers``. The two reference answers are computed once for all packages."""
     from transformers import AutoTokenizer
 
     if not AutoTokenizer.from_pretrained(hf_dir).chat_template:
-        return {"name": "litert-lm chat", "passed": False, "skipped": True,
-                "detail": "the model has no chat template: LiteRT-LM's conversation API needs "
-                          "one (add chat_template.jinja to the model)"}
+        return [{"name": name, "passed": False, "skipped": True,
+                 "detail": "the model has no chat template: LiteRT-LM's conversation API needs "
+                           "one (add chat_template.jinja to the model)"} for name in packages]
     want = interpreter_answer(tflite, hf_dir, CHECK_MESSAGES)
     fp32 = transformers_answer(hf_dir, CHECK_MESSAGES)
-    try:
-        got = litert_lm_answer(litertlm, CHECK_MESSAGES)
-    except DependencyError:
-        raise
-    except Exception as exc:  # LiteRT-LM raises RuntimeError with its status text
-        return {"name": "litert-lm chat", "passed": False,
-                "detail": f"LiteRT-LM failed: {str(exc).splitlines()[0][:300]}"}
 
     def same(a: str, b: str) -> bool:
         n = min(len(a), len(b))
         return bool(a) and bool(b) and a[:n] == b[:n]
 
-    return {"name": "litert-lm chat", "passed": same(got, want),
-            "matches_transformers": same(got, fp32),
+    checks = []
+    for name, package in packages.items():
+        try:
+            got = litert_lm_answer(package, CHECK_MESSAGES)
+        except DependencyError:
+            raise
+        except Exception as exc:  # LiteRT-LM raises RuntimeError with its status text
+            checks.append({"name": name, "passed": False,
+                           "detail": f"LiteRT-LM failed: {str(exc).splitlines()[0][:300]}"})
+            continue
+        checks.append({
+            "name": name, "passed": same(got, want), "matches_transformers": same(got, fp32),
             "detail": f"asked {CHECK_MESSAGES[-1]['content']!r}: LiteRT-LM answered "
                       f"{got[:160]!r}, the same .tflite in LiteRT's interpreter {want[:160]!r}, "
-                      f"transformers (fp32, greedy) {fp32[:160]!r}"}
+                      f"transformers (fp32, greedy) {fp32[:160]!r}"})
+    return checks
+
+
+def chat_check(litertlm: Path, hf_dir: Path, tflite: Path) -> dict[str, Any]:
+    """chat_checks for one ``.litertlm``."""
+    return chat_checks({"litert-lm chat": litertlm}, hf_dir, tflite)[0]
