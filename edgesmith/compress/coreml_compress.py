@@ -256,12 +256,10 @@ def compress(base: Artifact, dest: Path, config: CoreMLCompressConfig,
             expected = {hf: consts[hf].outputs[0].val for hf in sparse_names}
         more = functools.partial(_sparse_check, sparse_names, consts,
                                  config.mode == "sparse") if sparse else None
+        named = {"expected_name": "GPTQ codes decompressed from the package equal the "
+                                  "checkpoint's weights (fp16 rounding)"} if gptq else {}
         checks = package_checks(tmp / pkgio.PACKAGE, bool(base.meta.get("stateful", True)),
-                                param_names, expected, more)
-        if gptq:
-            next(c for c in checks if c["name"].startswith("weights decompressed"))["name"] = \
-                "GPTQ codes decompressed from the package equal the checkpoint's weights " \
-                "(fp16 rounding)"
+                                param_names, expected, more, **named)
     return Artifact(Path(dest), "coreml", {
         "type": config.mode, "block_size": config.block_size, "embedding": config.embedding,
         "kv_cache": base.meta.get("kv_cache"), "stateful": base.meta.get("stateful"),

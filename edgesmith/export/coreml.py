@@ -142,11 +142,13 @@ def _convert(module: Any, context: int, stateful: bool) -> Any:
 
 def package_checks(pkg: Path, stateful: bool, param_names: list[str],
                    expected: dict[str, Any] | None = None,
-                   more: Callable[[dict[str, Any], dict[str, str]], dict[str, Any]] | None = None
-                   ) -> list[dict[str, Any]]:
+                   more: Callable[[dict[str, Any], dict[str, str]], dict[str, Any]] | None = None,
+                   expected_name: str = "weights decompressed from the package equal those "
+                                        "meant (fp16 rounding)") -> list[dict[str, Any]]:
     """What Linux can check of a package: spec + MIL program load, the app-facing interface,
-    and (``expected``: HF name -> the fp32 value meant) the weights read back; ``more`` is one
-    more check computed from the same read-back (weights by HF name, their storage op types)."""
+    and (``expected``: HF name -> the fp32 value meant; its check named ``expected_name``) the
+    weights read back; ``more`` is one more check computed from the same read-back (weights by
+    HF name, their storage op types)."""
     import numpy as np
 
     spec, prog = pkgio.load_program(pkg)
@@ -187,8 +189,7 @@ def package_checks(pkg: Path, stateful: bool, param_names: list[str],
                         max(float(np.abs(w).max()), 1e-12))
             if err > worst:
                 worst, where = err, name
-        checks.append({"name": "weights decompressed from the package equal those meant "
-                               "(fp16 rounding)", "passed": worst <= 1e-3,
+        checks.append({"name": expected_name, "passed": worst <= 1e-3,
                        "detail": f"max relative error {worst:.1e}" + (f" ({where})" if where
                                                                        else "")})
     if more is not None:

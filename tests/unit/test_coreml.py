@@ -168,6 +168,8 @@ def test_gptq_codes_written_bit_for_bit(tiny_llama: Path, tmp_path: Path) -> Non
     art = CoreMLExporter(CoreMLExportConfig(dtype="int4", context=CONTEXT)).export(
         ckpt, _ctx(tmp_path), tmp_path / "out")
     assert all(c["passed"] for c in art.meta["checks"]), art.meta["checks"]
+    # the read-back is compared with the checkpoint's own values, and says so
+    assert any(c["name"].startswith("GPTQ codes decompressed") for c in art.meta["checks"])
     assert len(art.meta["written"]) == 14 and not art.meta["not_written"]
     reader = gptq_format.GPTQCheckpoint(ckpt)
     _spec, prog = pkgio.load_program(art.path / pkgio.PACKAGE)
