@@ -104,7 +104,7 @@ def unstructured(a: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="es-sparse-libs-"))
     ref = quality.reference(hf_dir, quality.EvalSpec(512, a.windows), work / "ref",
                             threads=a.threads)
-    _, tok = models.load_hf(hf_dir)
+    unpruned, tok = models.load_hf(hf_dir)
     calib = CalibrationConfig(samples=a.calib_samples, seq_len=a.calib_len)
     ids = awq.calibration_ids(tok, calib).numpy()  # the chunks both sides get
     np.save(work / "calib.npy", ids)
@@ -114,7 +114,8 @@ def unstructured(a: argparse.Namespace) -> None:
         return {n: float((m.weight == 0).float().mean()) for n, m in model.named_modules()
                 if n in ("lm_head", "model.embed_tokens")}
 
-    base = kept(models.load_hf(hf_dir)[0])  # the zeros they hold before any pruning
+    base = kept(unpruned)  # the zeros they hold before any pruning
+    del unpruned
 
     def ours(method: str, setting: str) -> dict[str, Any]:
         model, _ = models.load_hf(hf_dir)

@@ -172,7 +172,7 @@ def _mediapipe_task(platform: str, side: dict[str, Path],
                 "how": "MediaPipe's genai.bundler: the .tflite, the SentencePiece "
                        "tokenizer.model and the chat template's turn affixes; checked in "
                        "LiteRT-LM (checks: 'litert-lm chat (.task)')"}
-    if "tokenizer.model" not in side:
+    if "tokenizer.model" not in side and "tokenizer.model" not in model_files:
         return {"built": False,
                 "why": "MediaPipe LLM Inference's .task bundler takes only a SentencePiece "
                        "tokenizer (tokenizer.model); this model has an HF BPE tokenizer: load "
